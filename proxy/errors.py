@@ -1,0 +1,89 @@
+"""Errors in TEI's shape: ``{"error": ..., "error_type": ...}`` with TEI's status codes."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorType(StrEnum):
+    # TEI's own variants (router/src/lib.rs `ErrorType`), capitalised as on the wire.
+    UNHEALTHY = "Unhealthy"
+    BACKEND = "Backend"
+    OVERLOADED = "Overloaded"
+    VALIDATION = "Validation"
+    TOKENIZER = "Tokenizer"
+    EMPTY = "Empty"
+    # The proxy's own, for faults TEI itself never reports.
+    TIMEOUT = "Timeout"
+    UPSTREAM = "Upstream"
+
+
+EMPTY_INPUT_MESSAGE = "Input validation error: `inputs` cannot be empty"
+
+
+class ApiError(Exception):
+    """An error a caller sees: an HTTP status, a message and TEI's ``error_type``.
+
+    ``from_upstream`` marks errors the upstream itself answered for a batch; the service uses
+    it to tell "this batch holds a bad item" (worth splitting) from faults of the transport.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: ErrorType | str,
+        *,
+        headers: dict[str, str] | None = None,
+        from_upstream: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = str(error_type)
+        self.headers = headers or {}
+        self.from_upstream = from_upstream
+
+    def tei_body(self) -> dict[str, Any]:
+        return {"error": self.message, "error_type": self.error_type}
+
+    def openai_body(self) -> dict[str, Any]:
+        # TEI's OpenAICompatErrorResponse: `type` on the wire, `code` is the HTTP status.
+        return {"message": self.message, "code": self.status, "type": self.error_type}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.message!r}, {self.error_type!r})"
+
+
+def empty_input() -> ApiError:
+    return ApiError(400, EMPTY_INPUT_MESSAGE, ErrorType.EMPTY)
+
+
+def validation(message: str) -> ApiError:
+    return ApiError(422, message, ErrorType.VALIDATION)
+
+
+def batch_too_large(size: int, maximum: int) -> ApiError:
+    return validation(f"batch size {size} > maximum allowed batch size {maximum}")
+
+
+def overloaded(retry_after_s: float = 1.0) -> ApiError:
+    return ApiError(
+        429,
+        "Model is overloaded",
+        ErrorType.OVERLOADED,
+        headers={"Retry-After": str(max(1, round(retry_after_s)))},
+    )
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, ErrorType.UNHEALTHY)
+
+
+def timeout(message: str = "Request timed out") -> ApiError:
+    return ApiError(504, message, ErrorType.TIMEOUT)
+
+
+def bad_upstream(message: str) -> ApiError:
+    return ApiError(502, message, ErrorType.UPSTREAM)

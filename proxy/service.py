@@ -1,0 +1,316 @@
+"""One model's embedding service: validation, the batcher and the upstream behind it.
+
+The HTTP layer calls :meth:`EmbeddingService.embed` with parsed inputs; it never sees the
+batcher. The batcher never sees HTTP. This is the only place that knows both the upstream's
+limits and the batching settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy import errors
+from proxy.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatcherConfig,
+    BatchObserver,
+    BatchResultMismatchError,
+    DeadlineExceededError,
+    QueueFullError,
+)
+from proxy.errors import ApiError
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
+
+log = logging.getLogger(__name__)
+
+# TEI's MAX_CHAR_MULTIPLIER: with truncation off, inputs over max_input_length * 250
+# characters are refused before tokenisation (core/src/tokenization.rs).
+TEI_MAX_CHAR_MULTIPLIER = 250
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    input: EmbedInput
+    options: EmbedOptions
+
+
+class _MetricsObserver(BatchObserver):
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._size = metrics.batch_size.labels(model)
+        self._chars = metrics.batch_chars.labels(model)
+        self._wait = metrics.queue_wait.labels(model)
+        self._dropped = metrics.dropped_items
+        self._model = model
+
+    def batch_dispatched(self, size: int, cost: float, oldest_wait_s: float) -> None:
+        self._size.observe(size)
+        self._chars.observe(cost)
+        self._wait.observe(oldest_wait_s)
+
+    def item_dropped(self, reason: str) -> None:
+        self._dropped.labels(self._model, reason).inc()
+
+
+def input_cost(item: EmbedInput) -> int:
+    return len(item)
+
+
+class EmbeddingService:
+    def __init__(self, name: str, upstream: Upstream, settings: Settings, metrics: Metrics) -> None:
+        self.name = name
+        self.upstream = upstream
+        self.settings = settings
+        self.metrics = metrics
+        self.info: UpstreamInfo | None = None
+        self._dimension: int | None = None
+        self._batcher: Batcher[_Item, Vector] | None = None
+        self._queue_gauge = metrics.queue_depth.labels(name)
+        self._in_flight_gauge = metrics.in_flight_batches.labels(name)
+        self._upstream_duration = metrics.upstream_duration.labels(name)
+        self._items_counter = metrics.request_items.labels(name)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        info = await self.upstream.start()
+        self.info = info
+        self._dimension = info.embedding_dimension
+        s = self.settings
+        batch_size = min(s.max_batch_size, info.max_client_batch_size)
+        self._batcher = Batcher(
+            self._process,
+            BatcherConfig(
+                max_batch_size=batch_size,
+                max_wait_s=s.max_wait_s,
+                max_concurrent_batches=s.max_concurrent_batches,
+                policy=s.dispatch,
+                max_batch_cost=s.max_batch_chars,
+                max_queue_size=s.max_queue_size,
+            ),
+            observer=_MetricsObserver(self.metrics, self.name),
+        )
+        self._queue_gauge.set_function(lambda: self.batcher.queue_depth)
+        self._in_flight_gauge.set_function(lambda: self.batcher.in_flight)
+        log.info(
+            "model %s via %s upstream (%s): effective batch size %d = min(MAX_BATCH_SIZE=%d, "
+            "upstream max_client_batch_size=%d); dispatch=%s, max_wait=%gms, "
+            "max_concurrent_batches=%d, max_batch_chars=%d",
+            self.name,
+            self.upstream.kind,
+            info.model_id,
+            batch_size,
+            s.max_batch_size,
+            info.max_client_batch_size,
+            s.dispatch.value,
+            s.max_wait_time,
+            s.max_concurrent_batches,
+            s.max_batch_chars,
+        )
+
+    @property
+    def batcher(self) -> Batcher[_Item, Vector]:
+        if self._batcher is None:
+            raise RuntimeError("service not started")
+        return self._batcher
+
+    @property
+    def started(self) -> bool:
+        return self._batcher is not None
+
+    async def drain(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.drain()
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        await self.upstream.close()
+
+    async def health(self) -> bool:
+        return self.started and await self.upstream.health()
+
+    # -- limits -------------------------------------------------------------------------
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batcher.config.max_batch_size
+
+    def _auto_truncate(self) -> bool:
+        return self.info.auto_truncate if self.info is not None else True
+
+    def _max_chars(self, options: EmbedOptions) -> tuple[int | None, bool]:
+        """The character limit for one input, and whether it is TEI's own rule."""
+        if self.settings.max_input_chars is not None:
+            return self.settings.max_input_chars, False
+        truncate = options.truncate if options.truncate is not None else self._auto_truncate()
+        if truncate or self.info is None:
+            return None, True
+        return self.info.max_input_length * TEI_MAX_CHAR_MULTIPLIER, True
+
+    def validate(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> None:
+        """Refuse bad input before it can reach the batcher or a neighbour's batch."""
+        if not inputs:
+            raise errors.empty_input()
+        limit = self.settings.max_client_batch_size
+        if len(inputs) > limit:
+            raise errors.batch_too_large(len(inputs), limit)
+        if options.dimensions is not None:
+            if options.dimensions <= 0:
+                raise errors.validation("Input validation error: `dimensions` should be positive")
+            if self._dimension is not None and options.dimensions > self._dimension:
+                raise errors.validation(
+                    "Input validation error: `dimensions` should be smaller than the maximum "
+                    "embedding dimension."
+                )
+        max_chars, tei_rule = self._max_chars(options)
+        for item in inputs:
+            n = len(item)
+            if n == 0:
+                raise errors.empty_input()
+            if max_chars is not None and n > max_chars:
+                if tei_rule:
+                    raise errors.validation(
+                        f"Input validation error: `inputs` must have less than {max_chars} "
+                        f"characters. Given: {n}"
+                    )
+                raise ApiError(
+                    413,
+                    f"input of {n} characters exceeds MAX_INPUT_CHARS={max_chars}",
+                    errors.ErrorType.VALIDATION,
+                )
+
+    # -- embedding ----------------------------------------------------------------------
+
+    async def embed(
+        self, inputs: Sequence[EmbedInput], options: EmbedOptions, *, deadline: float
+    ) -> list[Vector]:
+        """Embed ``inputs``; each item is batched with other callers' and put back in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant. Like TEI, the request fails as a whole
+        on its first failing item.
+        """
+        self.validate(inputs, options)
+        batcher = self.batcher
+        if batcher.closing:
+            raise errors.unavailable("proxy is shutting down")
+        limit = batcher.config.max_queue_size
+        if limit is not None and batcher.queue_depth + len(inputs) > limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise errors.overloaded()
+        self._items_counter.inc(len(inputs))
+        futures: list[asyncio.Future[Vector]] = []
+        try:
+            for item in inputs:
+                futures.append(
+                    batcher.submit_nowait(
+                        _Item(item, options),
+                        key=options,
+                        cost=input_cost(item),
+                        deadline=deadline,
+                    )
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.timeout("request timed out before it could be queued")
+            async with asyncio.timeout(remaining):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError as exc:
+            raise errors.timeout(
+                f"request took longer than REQUEST_TIMEOUT={self.settings.request_timeout:g}s"
+            ) from exc
+        except QueueFullError as exc:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise errors.overloaded() from exc
+        except BatcherClosedError as exc:
+            raise errors.unavailable("proxy is shutting down") from exc
+        except DeadlineExceededError as exc:
+            raise errors.timeout("request deadline passed while queued") from exc
+        except BatchResultMismatchError as exc:
+            raise errors.bad_upstream(str(exc)) from exc
+        finally:
+            # A failed or abandoned request leaves no work behind: queued siblings are
+            # dropped before dispatch.
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+    async def _process(self, items: list[_Item]) -> list[Vector]:
+        options = items[0].options
+        inputs = [item.input for item in items]
+        started = time.perf_counter()
+        outcome = "200"
+        try:
+            vectors = await self.upstream.embed(inputs, options)
+            self._check_dimension(vectors, options)
+            return vectors
+        except ApiError as exc:
+            outcome = str(exc.status)
+            raise
+        except Exception:
+            outcome = "error"
+            log.exception("upstream call failed unexpectedly")
+            raise
+        finally:
+            self._upstream_duration.observe(time.perf_counter() - started)
+            self.metrics.upstream_calls.labels(self.name, outcome).inc()
+
+    def _check_dimension(self, vectors: list[Vector], options: EmbedOptions) -> None:
+        if len(vectors) == 0:
+            return
+        dim = len(vectors[0])
+        if options.dimensions is not None:
+            expected: int | None = options.dimensions
+        else:
+            if self._dimension is None:
+                self._dimension = dim
+            expected = self._dimension
+        if dim != expected or any(len(v) != dim for v in vectors):
+            raise errors.bad_upstream(
+                f"upstream answered vectors of {dim} dimensions, expected {expected}"
+            )
+
+    # -- /info --------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """TEI's /info body with the proxy's own effective limits, plus a ``proxy`` object."""
+        info = self.info
+        body: dict[str, Any] = dict(info.raw) if info is not None else {}
+        s = self.settings
+        upstream_limits = {
+            "max_client_batch_size": info.max_client_batch_size if info else None,
+            "max_input_length": info.max_input_length if info else None,
+            "max_concurrent_requests": info.max_concurrent_requests if info else None,
+        }
+        body["max_client_batch_size"] = s.max_client_batch_size
+        body["max_concurrent_requests"] = s.max_queue_size
+        body["proxy"] = {
+            "version": _version(),
+            "model": self.name,
+            "upstream_kind": self.upstream.kind,
+            "dispatch": s.dispatch.value,
+            "max_wait_time_ms": s.max_wait_time,
+            "max_batch_size": s.max_batch_size,
+            "effective_batch_size": self.effective_batch_size if self.started else None,
+            "max_concurrent_batches": s.max_concurrent_batches,
+            "max_batch_chars": s.max_batch_chars,
+            "max_client_batch_size": s.max_client_batch_size,
+            "max_queue_size": s.max_queue_size,
+            "request_timeout_s": s.request_timeout,
+            "upstream_timeout_s": s.upstream_timeout,
+            "upstream": upstream_limits,
+        }
+        return body
+
+
+def _version() -> str:
+    from proxy import __version__
+
+    return __version__

@@ -1,0 +1,146 @@
+"""One typed settings object, read from CLI flags, env vars and ``.env`` (in that priority)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proxy.batcher import DispatchPolicy
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # -- upstream -------------------------------------------------------------------------
+    upstream_url: str | None = Field(
+        None,
+        description="Base URL of the upstream (TEI by default). Several replicas may be given, "
+        "comma-separated. Unset: serve the embedded all-MiniLM-L6-v2 model in-process.",
+    )
+    upstream_kind: Literal["tei", "openai"] | None = Field(
+        None,
+        description="tei or openai (an OpenAI-compatible /v1/embeddings server). "
+        "Default: tei when UPSTREAM_URL is set.",
+    )
+    upstream_model: str | None = Field(
+        None, description="Model name sent to an openai-kind upstream."
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="Bearer token sent to the upstream."
+    )
+    upstream_embeddings_path: str = Field(
+        "/v1/embeddings", description="Path of the embeddings route of an openai-kind upstream."
+    )
+    upstream_timeout: float = Field(30.0, gt=0, description="Seconds one upstream call may take.")
+
+    # -- server ---------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Bind address.")
+    port: int = Field(8080, ge=1, le=65535, description="Port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+
+    # -- batching -------------------------------------------------------------------------
+    max_wait_time: float = Field(
+        5.0,
+        ge=0,
+        le=60_000,
+        description="Milliseconds a request may wait for others to join its batch (timer "
+        "policy; adaptive dispatches at once whenever a slot is free).",
+    )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="Items per upstream call; capped by the upstream's max_client_batch_size.",
+    )
+    max_concurrent_batches: int = Field(
+        2, ge=1, le=1024, description="Upstream calls in flight at once."
+    )
+    dispatch: DispatchPolicy = Field(DispatchPolicy.ADAPTIVE, description="adaptive or timer.")
+    max_batch_chars: int = Field(
+        250_000,
+        ge=1,
+        description="Total characters per upstream call, so a batch stays well under TEI's "
+        "2 MB payload limit even when every character is JSON-escaped.",
+    )
+
+    # -- client-facing limits ---------------------------------------------------------------
+    max_client_batch_size: int = Field(
+        1024,
+        ge=1,
+        description="Most inputs one client request may carry; longer lists are spread over "
+        "several upstream calls.",
+    )
+    payload_limit: int = Field(
+        2_000_000, ge=1024, description="Largest request body in bytes (413 above it)."
+    )
+    max_input_chars: int | None = Field(
+        None,
+        ge=1,
+        description="Longest input in characters (422 above it). Default: TEI's own rule, "
+        "max_input_length * 250 when truncation is off.",
+    )
+    request_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may live in the proxy (504 past it)."
+    )
+    max_queue_size: int = Field(4096, ge=1, description="Queued items before new requests get 429.")
+
+    # -- embedded model ---------------------------------------------------------------------
+    embedded_cache_dir: Path | None = Field(
+        None, description="Where the embedded model's built ONNX graph is cached."
+    )
+    embedded_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (default: ORT's choice)."
+    )
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_urls(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return ",".join(urls)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Settings:
+        if self.upstream_kind is not None and self.upstream_url is None:
+            raise ValueError("UPSTREAM_KIND needs UPSTREAM_URL")
+        return self
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        return self.upstream_url.split(",") if self.upstream_url else []
+
+    @property
+    def effective_upstream_kind(self) -> str:
+        if self.upstream_url is None:
+            return "embedded"
+        return self.upstream_kind or "tei"
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_time / 1000.0
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, naming the setting as the user spells it (env var name)."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+        name = loc[0].upper() if loc else "settings"
+        msg = err.get("msg", "invalid")
+        lines.append(f"invalid setting {name}: {msg}")
+    return "; ".join(lines)

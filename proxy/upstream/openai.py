@@ -1,0 +1,167 @@
+"""An OpenAI-compatible ``/v1/embeddings`` upstream (Infinity, vLLM, Ollama, OpenAI itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.errors import ApiError, ErrorType, bad_upstream, validation
+from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
+from proxy.upstream.tei import HttpUpstreamBase, check_vectors
+
+log = logging.getLogger(__name__)
+
+# OpenAI's documented limit of inputs per request; other servers accept at least as many
+# as the proxy's default batch size.
+OPENAI_MAX_INPUTS = 2048
+
+
+def openai_error(status: int, body: bytes) -> ApiError:
+    """Map an OpenAI-style error (``{"error": {"message", "type"}}`` or TEI's
+    ``{"message", "code", "type"}``) onto ours."""
+    message = body.decode("utf-8", "replace").strip()[:500] or f"upstream answered {status}"
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+    if status in (401, 403, 404):
+        # Our credentials, path or model name are wrong: that is the operator's problem,
+        # not the caller's, so it must not look like the caller's 401 or 404.
+        return bad_upstream(f"upstream refused the call ({status}): {message}")
+    if status == 429:
+        return ApiError(429, message, ErrorType.OVERLOADED, from_upstream=True)
+    if 400 <= status < 500:
+        return ApiError(
+            422 if status == 400 else status, message, ErrorType.VALIDATION, from_upstream=True
+        )
+    return ApiError(status, message, ErrorType.BACKEND, from_upstream=True)
+
+
+def _normalise(vec: Sequence[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vec))
+    return [v / norm for v in vec] if norm > 0 else list(vec)
+
+
+class OpenAIUpstream(HttpUpstreamBase):
+    kind = "openai"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model: str | None = None,
+        path: str = "/v1/embeddings",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(urls, **kwargs)
+        self.model = model
+        self.path = path if path.startswith("/") else "/" + path
+
+    async def start(self) -> UpstreamInfo:
+        """Probe with one tiny embedding: it proves reachability and credentials, and tells
+        the dimension. Transport faults are retried; refusals stop start-up."""
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                vectors = await self._call(["ping"])
+                break
+            except ApiError as exc:
+                if exc.status not in (502, 503, 504) or exc.message.startswith("upstream refused"):
+                    raise RuntimeError(f"openai upstream refused the probe: {exc.message}") from exc
+                log.warning(
+                    "waiting for the openai upstream at %s (attempt %d: %s); retrying in %.1fs",
+                    self._replicas[0].base_url,
+                    attempt,
+                    exc.message,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        dim = len(vectors[0])
+        model_id = self.model or "openai-compatible"
+        raw: dict[str, Any] = {
+            "model_id": model_id,
+            "model_sha": None,
+            "model_dtype": "float32",
+            "served_model_name": model_id,
+            "model_type": {"embedding": {"pooling": "unknown"}},
+            "max_concurrent_requests": 512,
+            "max_input_length": 8192,
+            "max_batch_tokens": 16384,
+            "max_batch_requests": None,
+            "max_client_batch_size": OPENAI_MAX_INPUTS,
+            "auto_truncate": True,
+            "tokenization_workers": None,
+            "version": "openai-compatible",
+            "sha": None,
+            "docker_label": None,
+        }
+        info = UpstreamInfo.from_tei(raw)
+        info.embedding_dimension = dim
+        return info
+
+    async def _call(self, inputs: Sequence[EmbedInput]) -> list[Vector]:
+        payload: dict[str, Any] = {"input": list(inputs), "encoding_format": "float"}
+        if self.model:
+            payload["model"] = self.model
+        status, body, _ = await self._post_json(self.path, payload)
+        if status != 200:
+            raise openai_error(status, body)
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_upstream("upstream answered malformed JSON") from exc
+        data = parsed.get("data") if isinstance(parsed, dict) else None
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise bad_upstream("upstream answered no `data` list")
+        if len(data) != len(inputs):
+            raise bad_upstream(f"upstream answered {len(data)} embeddings for {len(inputs)}")
+        try:
+            ordered = sorted(data, key=lambda d: int(d["index"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad_upstream("upstream answered embeddings without a valid `index`") from exc
+        if [int(d["index"]) for d in ordered] != list(range(len(inputs))):
+            raise bad_upstream("upstream answered embeddings with wrong indices")
+        return check_vectors([d.get("embedding") for d in ordered], len(inputs))
+
+    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
+        # The OpenAI API has none of TEI's per-request options but `dimensions`, and servers
+        # differ in whether they honour it; refuse what cannot be honoured rather than lie.
+        if not options.normalize:
+            raise validation("`normalize: false` is not available with an openai upstream")
+        if options.prompt_name is not None:
+            raise validation("`prompt_name` is not available with an openai upstream")
+        if options.truncation_direction != "Right":
+            raise validation(
+                "`truncation_direction: Left` is not available with an openai upstream"
+            )
+        vectors = await self._call(inputs)
+        if options.dimensions is not None:
+            # Matryoshka cut as TEI does it: keep the first N values, then normalise.
+            return [_normalise(v[: options.dimensions]) for v in vectors]
+        return vectors
+
+    async def health(self) -> bool:
+        for replica in self._replicas:
+            for path in ("/health", "/v1/models"):
+                try:
+                    status, _ = await self._get(replica.base_url, path, 2.0)
+                except (aiohttp.ClientError, TimeoutError):
+                    break
+                if 200 <= status < 300:
+                    return True
+        return False

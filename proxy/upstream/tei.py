@@ -1,0 +1,212 @@
+"""TEI over HTTP: ``POST /embed``, ``GET /info`` and ``GET /health`` on one or more replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.errors import ApiError, ErrorType, bad_upstream, timeout, unavailable
+from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
+
+log = logging.getLogger(__name__)
+
+_STARTUP_RETRY_MAX_S = 5.0
+
+
+def _json_dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+class _Replica:
+    __slots__ = ("base_url", "in_flight")
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.in_flight = 0
+
+
+class HttpUpstreamBase:
+    """What the HTTP upstreams share: one pooled session and least-outstanding replicas."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        api_key: str | None = None,
+        pool_size: int = 64,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one upstream URL is needed")
+        self._replicas = [_Replica(u.rstrip("/")) for u in urls]
+        self._rotation = itertools.count()
+        self._timeout_s = timeout_s
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._pool_size, keepalive_timeout=30, enable_cleanup_closed=True
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                json_serialize=_json_dumps,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            )
+        return self._session
+
+    def _pick(self) -> _Replica:
+        # Least outstanding calls; rotate among ties so idle replicas share the load.
+        start = next(self._rotation) % len(self._replicas)
+        order = self._replicas[start:] + self._replicas[:start]
+        return min(order, key=lambda r: r.in_flight)
+
+    async def _post_json(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, str]:
+        """POST to the least-busy replica; map transport faults to 503/504."""
+        replica = self._pick()
+        replica.in_flight += 1
+        url = replica.base_url + path
+        try:
+            async with self.session.post(url, data=orjson.dumps(payload)) as resp:
+                body = await resp.read()
+                return resp.status, body, resp.headers.get("Content-Type", "")
+        except TimeoutError as exc:
+            raise timeout(f"upstream did not answer within {self._timeout_s:g}s") from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise unavailable(f"upstream unreachable: {exc.__class__.__name__}") from exc
+        finally:
+            replica.in_flight -= 1
+
+    async def _get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        async with self.session.get(
+            base_url + path, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            return resp.status, await resp.read()
+
+    async def health(self) -> bool:
+        """Healthy when at least one replica answers its health route with 200."""
+        for replica in sorted(self._replicas, key=lambda r: r.in_flight):
+            try:
+                status, _ = await self._get(replica.base_url, "/health", 2.0)
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            if status == 200:
+                return True
+        return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def tei_error(status: int, body: bytes, content_type: str) -> ApiError:
+    """Turn an upstream error answer into ours, keeping TEI's own message and type."""
+    if "json" in content_type:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+            return ApiError(
+                status,
+                parsed["error"],
+                str(parsed.get("error_type") or ErrorType.BACKEND),
+                from_upstream=True,
+            )
+    text = body.decode("utf-8", "replace").strip()[:500] or f"upstream answered {status}"
+    error_type = ErrorType.VALIDATION if 400 <= status < 500 else ErrorType.BACKEND
+    return ApiError(status, text, error_type, from_upstream=True)
+
+
+def check_vectors(parsed: Any, expected: int) -> list[Vector]:
+    """Accept only a list of ``expected`` equal-length numeric vectors; anything else is a 502.
+
+    Checking each vector's first element and length keeps this cheap; a wrong count or shape
+    must never be zipped onto callers.
+    """
+    if not isinstance(parsed, list):
+        raise bad_upstream("upstream answered malformed embeddings: not a list")
+    if len(parsed) != expected:
+        raise bad_upstream(f"upstream answered {len(parsed)} embeddings for {expected} inputs")
+    dim: int | None = None
+    for vec in parsed:
+        if not isinstance(vec, list) or not vec or not isinstance(vec[0], int | float):
+            raise bad_upstream("upstream answered malformed embeddings: not numeric vectors")
+        if dim is None:
+            dim = len(vec)
+        elif len(vec) != dim:
+            raise bad_upstream("upstream answered embeddings of different dimensions")
+    return parsed
+
+
+class TeiUpstream(HttpUpstreamBase):
+    kind = "tei"
+
+    def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(urls, **kwargs)
+        self.info: UpstreamInfo | None = None
+
+    async def start(self) -> UpstreamInfo:
+        """Read ``/info``, retrying until TEI answers: it binds its port only once loaded."""
+        base = self._replicas[0].base_url
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, body = await self._get(base, "/info", min(self._timeout_s, 10.0))
+                if status == 200:
+                    info = UpstreamInfo.from_tei(orjson.loads(body))
+                    self.info = info
+                    return info
+                reason = f"HTTP {status}"
+            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+                reason = exc.__class__.__name__
+            log.warning(
+                "waiting for TEI at %s/info (attempt %d: %s); retrying in %.1fs",
+                base,
+                attempt,
+                reason,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _STARTUP_RETRY_MAX_S)
+
+    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
+        payload: dict[str, Any] = {"inputs": list(inputs), "normalize": options.normalize}
+        if options.truncate is not None:
+            payload["truncate"] = options.truncate
+        if options.truncation_direction != "Right":
+            payload["truncation_direction"] = options.truncation_direction
+        if options.prompt_name is not None:
+            payload["prompt_name"] = options.prompt_name
+        if options.dimensions is not None:
+            payload["dimensions"] = options.dimensions
+        status, body, content_type = await self._post_json("/embed", payload)
+        if status != 200:
+            raise tei_error(status, body, content_type)
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_upstream("upstream answered malformed JSON") from exc
+        vectors = check_vectors(parsed, len(inputs))
+        if options.dimensions is not None and len(vectors[0]) != options.dimensions:
+            raise bad_upstream(
+                f"upstream answered {len(vectors[0])} dimensions, {options.dimensions} asked"
+            )
+        return vectors
