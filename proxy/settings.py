@@ -66,7 +66,11 @@ class Settings(BaseSettings):
     max_concurrent_batches: int = Field(
         2, ge=1, le=1024, description="Upstream calls in flight at once."
     )
-    dispatch: DispatchPolicy = Field(DispatchPolicy.ADAPTIVE, description="adaptive or timer.")
+    dispatch: Literal["adaptive", "timer"] = Field(
+        "adaptive",
+        description="adaptive: send whatever is queued as soon as an upstream slot is free; "
+        "timer: send when a batch is full or its oldest item waited MAX_WAIT_TIME.",
+    )
     max_batch_chars: int = Field(
         250_000,
         ge=1,
@@ -129,6 +133,10 @@ class Settings(BaseSettings):
         if self.upstream_url is None:
             return "embedded"
         return self.upstream_kind or "tei"
+
+    @property
+    def dispatch_policy(self) -> DispatchPolicy:
+        return DispatchPolicy(self.dispatch)
 
     @property
     def max_wait_s(self) -> float:

@@ -174,6 +174,11 @@ class TeiUpstream(HttpUpstreamBase):
                     info = UpstreamInfo.from_tei(orjson.loads(body))
                     self.info = info
                     return info
+                if status in (401, 403):
+                    # Retrying cannot fix a wrong UPSTREAM_API_KEY: fail start-up loudly.
+                    raise RuntimeError(
+                        f"TEI at {base} refused /info with {status}: check UPSTREAM_API_KEY"
+                    )
                 reason = f"HTTP {status}"
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
                 reason = exc.__class__.__name__

@@ -1,0 +1,121 @@
+"""`python -m proxy` as a real process, in front of the TEI double, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MAX_"))}
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(url: str, proc: asyncio.subprocess.Process, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise AssertionError(f"proxy exited early with {proc.returncode}")
+            try:
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("proxy did not become healthy")
+
+
+@pytest.fixture
+async def proxy_process(
+    aiohttp_server: Any, unused_tcp_port: int
+) -> AsyncIterator[tuple[TeiDouble, str, asyncio.subprocess.Process]]:
+    double = TeiDouble(TeiDoubleConfig(max_client_batch_size=32, delay_base_s=0.02))
+    server = await aiohttp_server(double.make_app())
+    upstream = str(server.make_url("")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy",
+        "--upstream-url", upstream, "--host", "127.0.0.1", "--port", str(unused_tcp_port),
+        "--max-batch-size", "64",
+        cwd=ROOT, env=proxy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    try:
+        await wait_healthy(url, proc)
+        yield double, url, proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_256_concurrent_callers_each_get_their_own_vector(
+    proxy_process: tuple[TeiDouble, str, asyncio.subprocess.Process],
+) -> None:
+    double, url, proc = proxy_process
+    texts = [f"caller {i} says hello" for i in range(256)]
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def call(text: str) -> Any:
+            async with session.post(url + "/embed", json={"inputs": text}) as resp:
+                assert resp.status == 200
+                return await resp.json()
+
+        bodies = await asyncio.gather(*(call(t) for t in texts))
+    for text, body in zip(texts, bodies, strict=True):
+        assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
+    sizes = double.batch_sizes
+    assert sum(sizes) == 256 and max(sizes) <= 32
+    assert len(sizes) <= 32, sizes
+    print(f"256 concurrent requests -> {len(sizes)} upstream calls, sizes {sizes}")
+
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert proc.stdout is not None
+    log = (await proc.stdout.read()).decode()
+    assert "effective batch size 32 = min(MAX_BATCH_SIZE=64" in log
+
+
+def test_invalid_setting_stops_start_up_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy"], cwd=ROOT, capture_output=True, text=True,
+        env=proxy_env(MAX_BATCH_SIZE="0"), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "MAX_BATCH_SIZE" in lines[0]
+
+
+def test_help_lists_the_settings() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True,
+        env=proxy_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0
+    for flag in (
+        "--upstream-url",
+        "--max-wait-time",
+        "--max-batch-size",
+        "--max-concurrent-batches",
+        "--dispatch",
+        "--upstream-timeout",
+    ):
+        assert flag in result.stdout
