@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
-from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.app import create_app
+from proxy.server import serve
 from proxy.settings import Settings, describe_validation_error
 
 
@@ -32,19 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        print=lambda msg: logging.getLogger("proxy").info(
-            "listening on http://%s:%d (upstream: %s)",
-            settings.host,
-            settings.port,
-            settings.effective_upstream_kind,
-        ),
-    )
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as exc:  # start-up failures we can explain, e.g. a refused API key
+        logging.getLogger("proxy").error("%s", exc)
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,7 +12,15 @@ from aiohttp.typedefs import Middleware
 
 from proxy.errors import ApiError, ErrorType
 from proxy.metrics import Metrics
-from proxy.routes import METRICS, SERVICE, SETTINGS, add_routes, error_response
+from proxy.routes import (
+    METRICS,
+    SERVICE,
+    SETTINGS,
+    SHUTDOWN,
+    add_routes,
+    bearer_matches,
+    error_response,
+)
 from proxy.service import EmbeddingService
 from proxy.settings import Settings
 from proxy.upstream.base import Upstream
@@ -87,18 +96,38 @@ def _metrics_middleware(metrics: Metrics) -> Middleware:
     return middleware
 
 
+# Routes TEI leaves open when --api-key is set, plus the proxy's own docs.
+PUBLIC_ROUTES = frozenset({
+    ("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics"),
+    ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/shutdown"),
+})  # fmt: skip
+
+
+def _auth_middleware(api_key: str) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (request.method, request.path) in PUBLIC_ROUTES or request.method == "HEAD":
+            return await handler(request)
+        if not bearer_matches(request, api_key):
+            return web.Response(status=401)  # TEI answers 401 with an empty body
+        return await handler(request)
+
+    return middleware
+
+
 def create_app(
     settings: Settings,
     *,
     upstream_factory: Callable[[Settings], Upstream] = build_upstream,
 ) -> web.Application:
     metrics = Metrics()
-    app = web.Application(
-        client_max_size=settings.payload_limit,
-        middlewares=[_metrics_middleware(metrics), _errors_middleware],
-    )
+    middlewares = [_metrics_middleware(metrics), _errors_middleware]
+    if settings.api_key is not None:
+        middlewares.insert(1, _auth_middleware(settings.api_key.get_secret_value()))
+    app = web.Application(client_max_size=settings.payload_limit, middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[SHUTDOWN] = asyncio.Event()
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -101,6 +101,24 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.batch_splits = Counter(
+            "proxy_batch_splits",
+            "Batches split in two because the upstream refused their inputs as a whole.",
+            ["model"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "proxy_upstream_retries",
+            "Upstream calls retried, by fault (overloaded, transient).",
+            ["fault"],
+            registry=r,
+        )
+        self.breaker_opened = Counter(
+            "proxy_breaker_opened",
+            "Times the upstream circuit breaker opened.",
+            ["model"],
+            registry=r,
+        )
         self.rejected = Counter(
             "proxy_rejected_requests",
             "Requests refused before queueing, by reason.",

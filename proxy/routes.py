@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import time
 from typing import Any
 
@@ -10,6 +12,7 @@ from aiohttp import web
 
 from proxy.errors import ApiError, ErrorType
 from proxy.metrics import Metrics
+from proxy.openapi import SWAGGER_UI_HTML, build_openapi
 from proxy.parsing import parse_embed_request, read_json
 from proxy.service import EmbeddingService
 from proxy.settings import Settings
@@ -17,6 +20,7 @@ from proxy.settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", EmbeddingService)
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -58,9 +62,12 @@ async def embed(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    if await request.app[SERVICE].health():
+    reason = await request.app[SERVICE].unhealthy_reason()
+    if reason is None:
         return web.Response(status=200)
-    return error_response(UNHEALTHY)
+    if reason == "unhealthy":
+        return error_response(UNHEALTHY)  # TEI's exact body
+    return error_response(ApiError(503, reason, ErrorType.UNHEALTHY))
 
 
 async def info(request: web.Request) -> web.Response:
@@ -70,6 +77,34 @@ async def info(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+def bearer_matches(request: web.Request, expected: str) -> bool:
+    """Constant-time comparison of the request's Bearer token with ``expected``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+async def shutdown(request: web.Request) -> web.Response:
+    token = request.app[SETTINGS].admin_token
+    if token is None or not bearer_matches(request, token.get_secret_value()):
+        return web.Response(status=401)
+    request.app[SHUTDOWN].set()
+    return json_response(
+        {"message": "Shutting down: new requests are refused and accepted work is finished."},
+        status=202,
+    )
+
+
+async def openapi_spec(request: web.Request) -> web.Response:
+    return json_response(build_openapi(request.app[SETTINGS]))
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=SWAGGER_UI_HTML, content_type="text/html")
 
 
 def add_routes(app: web.Application) -> None:
@@ -82,3 +117,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_spec)
+    app.router.add_get("/docs", docs)
+    if app[SETTINGS].admin_token is not None:
+        app.router.add_post("/shutdown", shutdown)

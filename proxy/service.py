@@ -26,6 +26,7 @@ from proxy.batcher import (
 )
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
+from proxy.resilience import CircuitBreaker, Fault, RetryPolicy, classify, counts_against_upstream
 from proxy.settings import Settings
 from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
 
@@ -40,6 +41,7 @@ TEI_MAX_CHAR_MULTIPLIER = 250
 class _Item:
     input: EmbedInput
     options: EmbedOptions
+    deadline: float
 
 
 class _MetricsObserver(BatchObserver):
@@ -76,6 +78,13 @@ class EmbeddingService:
         self._in_flight_gauge = metrics.in_flight_batches.labels(name)
         self._upstream_duration = metrics.upstream_duration.labels(name)
         self._items_counter = metrics.request_items.labels(name)
+        self._splits = metrics.batch_splits.labels(name)
+        self._retries = metrics.upstream_retries
+        self._breaker_opened = metrics.breaker_opened.labels(name)
+        self._retry = RetryPolicy(max_retries=settings.upstream_retries)
+        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
+        self._probe_task: asyncio.Task[None] | None = None
+        self._draining = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -126,16 +135,29 @@ class EmbeddingService:
         return self._batcher is not None
 
     async def drain(self) -> None:
+        """Refuse new work, dispatch everything queued and wait for calls in flight."""
+        self._draining = True
         if self._batcher is not None:
             await self._batcher.drain()
 
     async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         if self._batcher is not None:
             await self._batcher.aclose()
         await self.upstream.close()
 
-    async def health(self) -> bool:
-        return self.started and await self.upstream.health()
+    async def unhealthy_reason(self) -> str | None:
+        """None when ready to serve; otherwise why not (for /health's 503)."""
+        if self._draining:
+            return "draining"
+        if not self.started:
+            return "starting"
+        if self.breaker.is_open:
+            return "unhealthy: upstream circuit breaker is open"
+        if not await self.upstream.health():
+            return "unhealthy"
+        return None
 
     # -- limits -------------------------------------------------------------------------
 
@@ -199,7 +221,7 @@ class EmbeddingService:
         """
         self.validate(inputs, options)
         batcher = self.batcher
-        if batcher.closing:
+        if self._draining or batcher.closing:
             raise errors.unavailable("proxy is shutting down")
         limit = batcher.config.max_queue_size
         if limit is not None and batcher.queue_depth + len(inputs) > limit:
@@ -211,7 +233,7 @@ class EmbeddingService:
             for item in inputs:
                 futures.append(
                     batcher.submit_nowait(
-                        _Item(item, options),
+                        _Item(item, options, deadline),
                         key=options,
                         cost=input_cost(item),
                         deadline=deadline,
@@ -242,9 +264,72 @@ class EmbeddingService:
                 if not fut.done():
                     fut.cancel()
 
-    async def _process(self, items: list[_Item]) -> list[Vector]:
+    async def _process(self, items: list[_Item]) -> list[Vector | BaseException]:
+        """One batch. If the upstream refuses it for its inputs without naming one, split it
+        and retry the halves, so only the offending items fail and their neighbours succeed."""
+        try:
+            return list(await self._call_upstream(items))
+        except ApiError as exc:
+            if classify(exc) is not Fault.ITEM:
+                raise
+            if len(items) == 1:
+                return [exc]
+            self._splits.inc()
+            mid = len(items) // 2
+            # Halves go one after the other: splitting must not exceed the upstream's
+            # concurrency bound that the batcher keeps.
+            left = await self._process(items[:mid])
+            right = await self._process(items[mid:])
+            return left + right
+
+    async def _call_upstream(self, items: list[_Item]) -> list[Vector]:
+        """One upstream call with retries: TEI's 429 with jittered backoff until the latest
+        caller's deadline, 5xx/424/refused connections a bounded number of times."""
         options = items[0].options
         inputs = [item.input for item in items]
+        deadline = max(item.deadline for item in items)
+        policy = self._retry
+        attempt = 0
+        transient_retries = 0
+        while True:
+            if self.breaker.is_open:
+                raise errors.unavailable(
+                    "upstream circuit breaker is open after repeated failures; "
+                    "the proxy is probing the upstream's health"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.timeout("request deadline passed before the upstream answered")
+            try:
+                async with asyncio.timeout(remaining):
+                    vectors = await self._timed_call(inputs, options)
+            except TimeoutError as exc:
+                raise errors.timeout(
+                    "request deadline passed while waiting for the upstream"
+                ) from exc
+            except ApiError as exc:
+                fault = classify(exc)
+                if fault is Fault.ITEM:
+                    self.breaker.record_success()  # it answered sanely; the input is bad
+                    raise
+                retry = fault is Fault.OVERLOADED or (
+                    fault is Fault.TRANSIENT and transient_retries < policy.max_retries
+                )
+                delay = policy.delay(attempt)
+                if not retry or time.monotonic() + delay >= deadline:
+                    if counts_against_upstream(exc):
+                        self._record_upstream_failure()
+                    raise
+                if fault is Fault.TRANSIENT:
+                    transient_retries += 1
+                attempt += 1
+                self._retries.labels(fault.value).inc()
+                await asyncio.sleep(delay)
+                continue
+            self.breaker.record_success()
+            return vectors
+
+    async def _timed_call(self, inputs: list[EmbedInput], options: EmbedOptions) -> list[Vector]:
         started = time.perf_counter()
         outcome = "200"
         try:
@@ -254,13 +339,32 @@ class EmbeddingService:
         except ApiError as exc:
             outcome = str(exc.status)
             raise
-        except Exception:
+        except TimeoutError:
+            outcome = "deadline"
+            raise
+        except Exception as exc:
             outcome = "error"
             log.exception("upstream call failed unexpectedly")
-            raise
+            raise errors.bad_upstream(f"upstream call failed: {exc.__class__.__name__}") from exc
         finally:
             self._upstream_duration.observe(time.perf_counter() - started)
             self.metrics.upstream_calls.labels(self.name, outcome).inc()
+
+    def _record_upstream_failure(self) -> None:
+        if self.breaker.record_failure():
+            self._breaker_opened.inc()
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_until_healthy())
+
+    async def _probe_until_healthy(self) -> None:
+        while self.breaker.is_open:
+            await asyncio.sleep(self.breaker.cooldown_s)
+            try:
+                healthy = await self.upstream.health()
+            except Exception:  # a probe must never die: the breaker would stay open
+                log.exception("upstream health probe failed")
+                healthy = False
+            if healthy:
+                self.breaker.record_success()
 
     def _check_dimension(self, vectors: list[Vector], options: EmbedOptions) -> None:
         if len(vectors) == 0:

@@ -99,6 +99,41 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(4096, ge=1, description="Queued items before new requests get 429.")
 
+    # -- reliability ----------------------------------------------------------------------
+    upstream_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of an upstream call that failed with 5xx, 424 or a refused or "
+        "reset connection. TEI's 429 is retried with backoff until the request's deadline.",
+    )
+    breaker_threshold: int = Field(
+        5,
+        ge=1,
+        description="Consecutive failed upstream calls that open the circuit breaker.",
+    )
+    breaker_cooldown: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between health probes of the upstream while the breaker is open.",
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a graceful shutdown may take to finish accepted work.",
+    )
+
+    # -- access control ---------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, data routes need `Authorization: Bearer <key>` (as TEI's "
+        "--api-key); /health, /ping and /metrics stay public.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for operator routes (POST /shutdown). Unset: they are off.",
+    )
+
     # -- embedded model ---------------------------------------------------------------------
     embedded_cache_dir: Path | None = Field(
         None, description="Where the embedded model's built ONNX graph is cached."

@@ -387,3 +387,28 @@ class TeiDouble:
             {"message": err["error"], "code": response.status, "type": err["error_type"]},
             status=response.status,
         )
+
+
+def main() -> None:
+    """Run the double on its own: ``python -m tests.tei_double --port 3000``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="TEI test double (not TEI)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--delay-base", type=float, default=0.0)
+    parser.add_argument("--delay-per-item", type=float, default=0.0)
+    parser.add_argument("--max-client-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    double = TeiDouble(
+        TeiDoubleConfig(
+            delay_base_s=args.delay_base,
+            delay_per_item_s=args.delay_per_item,
+            max_client_batch_size=args.max_client_batch_size,
+        )
+    )
+    web.run_app(double.make_app(), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -112,7 +112,7 @@ async def test_upstream_errors_come_back_in_tei_shape(
     start_proxy: ProxyFactory, tei_double: TeiDouble
 ) -> None:
     client = await start_proxy()
-    tei_double.set_fault(Fault.ERROR_500, times=1)
+    tei_double.set_fault(Fault.ERROR_500, times=3)  # the first try and both retries
     resp = await client.post("/embed", json={"inputs": "x"})
     assert resp.status == 500
     assert await resp.json() == {"error": "injected failure", "error_type": "Backend"}

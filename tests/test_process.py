@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.processes import ROOT, proxy_env, start_proxy_process, stop, wait_healthy
 from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def proxy_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MAX_"))}
-    env.update(extra)
-    return env
-
-
-async def wait_healthy(url: str, proc: asyncio.subprocess.Process, limit_s: float = 30) -> None:
-    deadline = time.monotonic() + limit_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise AssertionError(f"proxy exited early with {proc.returncode}")
-            try:
-                async with session.get(url + "/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("proxy did not become healthy")
 
 
 @pytest.fixture
@@ -49,20 +23,15 @@ async def proxy_process(
     double = TeiDouble(TeiDoubleConfig(max_client_batch_size=32, delay_base_s=0.02))
     server = await aiohttp_server(double.make_app())
     upstream = str(server.make_url("")).rstrip("/")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy",
-        "--upstream-url", upstream, "--host", "127.0.0.1", "--port", str(unused_tcp_port),
-        "--max-batch-size", "64",
-        cwd=ROOT, env=proxy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = await start_proxy_process(
+        "--upstream-url", upstream, "--port", str(unused_tcp_port), "--max-batch-size", "64"
+    )
     url = f"http://127.0.0.1:{unused_tcp_port}"
     try:
         await wait_healthy(url, proc)
         yield double, url, proc
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop(proc)
 
 
 async def test_256_concurrent_callers_each_get_their_own_vector(

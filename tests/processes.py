@@ -1,0 +1,52 @@
+"""Running `python -m proxy` as a real child process for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any proxy settings a developer may have exported."""
+    prefixes = ("UPSTREAM_", "MAX_", "API_KEY", "ADMIN_TOKEN", "REQUEST_", "SHUTDOWN_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+async def start_proxy_process(*args: str, **env: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--host", "127.0.0.1", *args,
+        cwd=ROOT, env=proxy_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def wait_healthy(url: str, proc: asyncio.subprocess.Process, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                out = await proc.stdout.read() if proc.stdout else b""
+                raise AssertionError(f"proxy exited early ({proc.returncode}): {out.decode()}")
+            try:
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("proxy did not become healthy")
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
