@@ -10,20 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from proxy import errors
 from proxy.errors import ApiError, ErrorType
+from proxy.http import add_routes
+from proxy.http.common import bearer_matches, error_response
+from proxy.http.keys import DRAINING, JOBS, METRICS, SERVICE, SETTINGS, SHUTDOWN
+from proxy.http.predict import as_floats
+from proxy.jobs.factory import build_job_store
 from proxy.metrics import Metrics
-from proxy.routes import (
-    METRICS,
-    SERVICE,
-    SETTINGS,
-    SHUTDOWN,
-    add_routes,
-    bearer_matches,
-    error_response,
-)
 from proxy.service import EmbeddingService
 from proxy.settings import Settings
-from proxy.upstream.base import Upstream
+from proxy.upstream.base import EmbedOptions, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +100,14 @@ PUBLIC_ROUTES = frozenset({
 })  # fmt: skip
 
 
+@web.middleware
+async def _draining_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Once stopping, new work gets a clear 503 while the listener stays open for /health.
+    if request.app[DRAINING].is_set() and request.method == "POST":
+        return error_response(errors.unavailable("proxy is shutting down"))
+    return await handler(request)
+
+
 def _auth_middleware(api_key: str) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -115,29 +120,55 @@ def _auth_middleware(api_key: str) -> Middleware:
     return middleware
 
 
+async def drain(app: web.Application) -> None:
+    """Refuse new work, then finish what was accepted: jobs in hand first (they need the
+    batcher), then everything queued in the batcher and in flight upstream."""
+    app[DRAINING].set()
+    await app[JOBS].drain()
+    await app[SERVICE].drain()
+
+
 def create_app(
     settings: Settings,
     *,
     upstream_factory: Callable[[Settings], Upstream] = build_upstream,
 ) -> web.Application:
     metrics = Metrics()
-    middlewares = [_metrics_middleware(metrics), _errors_middleware]
+    middlewares = [_metrics_middleware(metrics), _draining_middleware, _errors_middleware]
     if settings.api_key is not None:
         middlewares.insert(1, _auth_middleware(settings.api_key.get_secret_value()))
     app = web.Application(client_max_size=settings.payload_limit, middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[SHUTDOWN] = asyncio.Event()
+    app[DRAINING] = asyncio.Event()
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         service = EmbeddingService("default", upstream_factory(settings), settings, metrics)
+        jobs = build_job_store(
+            settings.job_store,
+            max_jobs=settings.max_jobs,
+            result_ttl_s=settings.result_ttl,
+            workers=settings.job_workers,
+            visibility_timeout_s=settings.job_visibility_timeout,
+        )
         app[SERVICE] = service
+        app[JOBS] = jobs
+
+        async def run_job(text: str) -> list[float]:
+            # Jobs meet every other caller in the same batcher.
+            deadline = time.monotonic() + settings.request_timeout
+            vectors = await service.embed([text], EmbedOptions(), deadline=deadline)
+            return as_floats(vectors[0])
+
         try:
             await service.start()
+            await jobs.start(run_job)
             yield
-            await service.drain()
+            await drain(app)
         finally:
+            await jobs.close()
             await service.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -124,6 +124,117 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                                           "content": _json({"type": "string"}, "text/plain")}}}
         },
     }  # fmt: skip
+    openai_op = {
+        "summary": "OpenAI embeddings API (as TEI serves it), batched with others",
+        "requestBody": {
+            "required": True,
+            "content": _json({"$ref": "#/components/schemas/OpenAIRequest"}),
+        },
+        "responses": _responses(
+            {
+                "description": "Embeddings",
+                "content": _json(
+                    {"type": "object", "required": ["object", "data", "model", "usage"]}
+                ),
+            },
+            *_EMBED_ERRORS,
+            error=_OPENAI_ERROR,
+        ),
+    }
+    paths["/v1/embeddings"] = {"post": openai_op}
+    paths["/embeddings"] = {"post": {**openai_op, "summary": "Alias of /v1/embeddings"}}
+    paths["/predict"] = {
+        "post": {
+            "summary": "Embed one text; with `Async-Mode: true`, accept it as a job (202)",
+            "parameters": [
+                {
+                    "name": "Async-Mode",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": _json(
+                    {
+                        "type": "object",
+                        "required": ["input"],
+                        "properties": {"input": {"type": "string", "minLength": 1}},
+                    }
+                ),
+            },
+            "responses": {
+                **_responses(
+                    {"description": "`{input, result}`", "content": _json({"type": "object"})},
+                    *_EMBED_ERRORS,
+                ),
+                "202": {
+                    "description": "Accepted: `{message, prediction_id}`",
+                    "content": _json({"type": "object", "required": ["message", "prediction_id"]}),
+                },
+            },
+        }
+    }
+    paths["/predict/{prediction_id}"] = {
+        "get": {
+            "summary": "Poll an async prediction",
+            "parameters": [
+                {
+                    "name": "prediction_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "Done: `{prediction_id, output: {input, result}}`",
+                    "content": _json({"type": "object"}),
+                },
+                "400": {
+                    "description": "Still being processed",
+                    "content": _json({"type": "object", "required": ["error"]}),
+                },
+                "401": {"description": "Missing or wrong API key"},
+                "404": {
+                    "description": "Unknown or expired id",
+                    "content": _json({"type": "object", "required": ["error"]}),
+                },
+                "424": {
+                    "description": "The job failed; `error` says why",
+                    "content": _json({"type": "object", "required": ["error"]}),
+                },
+                "503": {"description": "Job store unavailable", "content": _json(_ERROR)},
+            },
+        }
+    }
+    paths["/batch"] = {
+        "post": {
+            "summary": "Embed `[{id, data}]`; each result tied to its id, in input order",
+            "requestBody": {
+                "required": True,
+                "content": _json(
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "data"],
+                            "properties": {"id": {"type": "string"}, "data": {"type": "string"}},
+                        },
+                    }
+                ),
+            },
+            "responses": _responses(
+                {
+                    "description": "`[{id, embedding}]`, or `{id, error, error_type}` for an "
+                    "item that failed on its own",
+                    "content": _json({"type": "array"}),
+                },
+                *_EMBED_ERRORS,
+            ),
+        }
+    }
     if settings.admin_token is not None:
         paths["/shutdown"] = {
             "post": {
@@ -148,6 +259,17 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     "type": "object",
                     "required": ["error", "error_type"],
                     "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+                },
+                "OpenAIRequest": {
+                    "type": "object",
+                    "required": ["input"],
+                    "properties": {
+                        "input": _EMBED_REQUEST["properties"]["inputs"],  # type: ignore[index]
+                        "model": {"type": ["string", "null"]},
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        "dimensions": {"type": ["integer", "null"], "minimum": 1},
+                        "user": {"type": ["string", "null"]},
+                    },
                 },
                 "OpenAIErrorResponse": {
                     "type": "object",

@@ -15,8 +15,8 @@ import time
 
 from aiohttp import web
 
-from proxy.app import create_app
-from proxy.routes import SERVICE, SHUTDOWN
+from proxy.app import create_app, drain
+from proxy.http.keys import SHUTDOWN
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy")
@@ -66,7 +66,7 @@ async def serve(settings: Settings) -> None:
     log.info("draining: finishing accepted work (up to %.1fs)", settings.shutdown_timeout)
     try:
         async with asyncio.timeout(drain_s):
-            await app[SERVICE].drain()
+            await drain(app)
     except TimeoutError:
         log.warning("SHUTDOWN_TIMEOUT reached with work still queued or in flight")
     await runner.cleanup()

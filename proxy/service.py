@@ -162,6 +162,12 @@ class EmbeddingService:
     # -- limits -------------------------------------------------------------------------
 
     @property
+    def served_model_name(self) -> str:
+        if self.info is None:
+            return self.name
+        return str(self.info.raw.get("served_model_name") or self.info.model_id)
+
+    @property
     def effective_batch_size(self) -> int:
         return self.batcher.config.max_batch_size
 
@@ -179,6 +185,11 @@ class EmbeddingService:
 
     def validate(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> None:
         """Refuse bad input before it can reach the batcher or a neighbour's batch."""
+        self._validate_request(inputs, options)
+        for item in inputs:
+            self._validate_item(item, options)
+
+    def _validate_request(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> None:
         if not inputs:
             raise errors.empty_input()
         limit = self.settings.max_client_batch_size
@@ -192,22 +203,22 @@ class EmbeddingService:
                     "Input validation error: `dimensions` should be smaller than the maximum "
                     "embedding dimension."
                 )
+
+    def _validate_item(self, item: EmbedInput, options: EmbedOptions) -> None:
+        n = len(item)
+        if n == 0:
+            raise errors.empty_input()
         max_chars, tei_rule = self._max_chars(options)
-        for item in inputs:
-            n = len(item)
-            if n == 0:
-                raise errors.empty_input()
-            if max_chars is not None and n > max_chars:
-                if tei_rule:
-                    raise errors.validation(
-                        f"Input validation error: `inputs` must have less than {max_chars} "
-                        f"characters. Given: {n}"
-                    )
-                raise ApiError(
-                    413,
-                    f"input of {n} characters exceeds MAX_INPUT_CHARS={max_chars}",
-                    errors.ErrorType.VALIDATION,
+        if max_chars is not None and n > max_chars:
+            if tei_rule:
+                raise errors.validation(
+                    f"Input validation error: `inputs` must have less than {max_chars} "
+                    f"characters. Given: {n}"
                 )
+            raise errors.validation(
+                f"Input validation error: `inputs` must have less than {max_chars} "
+                f"characters (MAX_INPUT_CHARS). Given: {n}"
+            )
 
     # -- embedding ----------------------------------------------------------------------
 
@@ -220,11 +231,50 @@ class EmbeddingService:
         on its first failing item.
         """
         self.validate(inputs, options)
+        results = await self._run(inputs, options, deadline, fail_fast=True)
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    async def embed_each(
+        self, inputs: Sequence[EmbedInput], options: EmbedOptions, *, deadline: float
+    ) -> list[Vector | ApiError]:
+        """Like :meth:`embed`, but an item that fails on its own gets its error in its slot
+        while the others succeed. Faults of the whole request (overload, shutdown, timeout)
+        still raise."""
+        self._validate_request(inputs, options)
+        slots: list[Vector | ApiError | None] = []
+        valid: list[EmbedInput] = []
+        for item in inputs:
+            try:
+                self._validate_item(item, options)
+            except ApiError as exc:
+                slots.append(exc)
+            else:
+                slots.append(None)
+                valid.append(item)
+        results = iter(await self._run(valid, options, deadline, fail_fast=False) if valid else [])
+        out: list[Vector | ApiError] = []
+        for slot in slots:
+            if slot is not None:
+                out.append(slot)
+                continue
+            result = next(results)
+            out.append(self._as_api_error(result) if isinstance(result, BaseException) else result)
+        return out
+
+    async def _run(
+        self,
+        inputs: Sequence[EmbedInput],
+        options: EmbedOptions,
+        deadline: float,
+        *,
+        fail_fast: bool,
+    ) -> list[Vector | BaseException]:
         batcher = self.batcher
         if self._draining or batcher.closing:
             raise errors.unavailable("proxy is shutting down")
         limit = batcher.config.max_queue_size
         if limit is not None and batcher.queue_depth + len(inputs) > limit:
+            # All or nothing: never queue half a request that cannot be finished.
             self.metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded()
         self._items_counter.inc(len(inputs))
@@ -243,7 +293,9 @@ class EmbeddingService:
             if remaining <= 0:
                 raise errors.timeout("request timed out before it could be queued")
             async with asyncio.timeout(remaining):
-                return list(await asyncio.gather(*futures))
+                if fail_fast:
+                    return list(await asyncio.gather(*futures))
+                return list(await asyncio.gather(*futures, return_exceptions=True))
         except TimeoutError as exc:
             raise errors.timeout(
                 f"request took longer than REQUEST_TIMEOUT={self.settings.request_timeout:g}s"
@@ -251,18 +303,30 @@ class EmbeddingService:
         except QueueFullError as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded() from exc
-        except BatcherClosedError as exc:
-            raise errors.unavailable("proxy is shutting down") from exc
-        except DeadlineExceededError as exc:
-            raise errors.timeout("request deadline passed while queued") from exc
-        except BatchResultMismatchError as exc:
-            raise errors.bad_upstream(str(exc)) from exc
+        except (
+            BatcherClosedError,
+            DeadlineExceededError,
+            BatchResultMismatchError,
+        ) as exc:
+            raise self._as_api_error(exc) from exc
         finally:
             # A failed or abandoned request leaves no work behind: queued siblings are
             # dropped before dispatch.
             for fut in futures:
                 if not fut.done():
                     fut.cancel()
+
+    @staticmethod
+    def _as_api_error(exc: BaseException) -> ApiError:
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, BatcherClosedError):
+            return errors.unavailable("proxy is shutting down")
+        if isinstance(exc, DeadlineExceededError):
+            return errors.timeout("request deadline passed while queued")
+        if isinstance(exc, BatchResultMismatchError):
+            return errors.bad_upstream(str(exc))
+        return ApiError(500, "internal error", errors.ErrorType.BACKEND)
 
     async def _process(self, items: list[_Item]) -> list[Vector | BaseException]:
         """One batch. If the upstream refuses it for its inputs without naming one, split it
@@ -300,6 +364,7 @@ class EmbeddingService:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise errors.timeout("request deadline passed before the upstream answered")
+            call_started = time.monotonic()
             try:
                 async with asyncio.timeout(remaining):
                     vectors = await self._timed_call(inputs, options)
@@ -316,7 +381,10 @@ class EmbeddingService:
                     fault is Fault.TRANSIENT and transient_retries < policy.max_retries
                 )
                 delay = policy.delay(attempt)
-                if not retry or time.monotonic() + delay >= deadline:
+                # Don't start a retry that cannot finish in time: the caller would get a
+                # 504 instead of the upstream's meaningful answer (e.g. 429: back off).
+                call_s = time.monotonic() - call_started
+                if not retry or time.monotonic() + delay + call_s >= deadline:
                     if counts_against_upstream(exc):
                         self._record_upstream_failure()
                     raise

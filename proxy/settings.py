@@ -134,6 +134,34 @@ class Settings(BaseSettings):
         description="Bearer token for operator routes (POST /shutdown). Unset: they are off.",
     )
 
+    # -- async jobs and batch-with-ids ------------------------------------------------------
+    job_store: str = Field(
+        "memory",
+        description="memory (bounded, lost on restart) or a redis:// URL (a Redis Stream "
+        "shared by replicas; survives restarts).",
+    )
+    max_jobs: int = Field(
+        10_000, ge=1, description="Unfinished async jobs before POST /predict answers 429."
+    )
+    result_ttl: float = Field(
+        3600.0, gt=0, description="Seconds a finished job's result stays readable."
+    )
+    job_workers: int = Field(
+        64,
+        ge=1,
+        description="Jobs one replica runs at once (they meet in the batcher, so this is "
+        "also the largest batch async jobs alone can form).",
+    )
+    job_visibility_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds before a job held by a replica that stopped answering is "
+        "re-claimed by another (Redis store).",
+    )
+    max_batch_items: int = Field(
+        100, ge=1, description="Most items one POST /batch request may carry."
+    )
+
     # -- embedded model ---------------------------------------------------------------------
     embedded_cache_dir: Path | None = Field(
         None, description="Where the embedded model's built ONNX graph is cached."
@@ -141,6 +169,13 @@ class Settings(BaseSettings):
     embedded_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ORT's choice)."
     )
+
+    @field_validator("job_store")
+    @classmethod
+    def _check_job_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be `memory` or a redis://, rediss:// or unix:// URL")
+        return value
 
     @field_validator("upstream_url")
     @classmethod
@@ -187,3 +222,19 @@ def describe_validation_error(exc: ValidationError) -> str:
         msg = err.get("msg", "invalid")
         lines.append(f"invalid setting {name}: {msg}")
     return "; ".join(lines)
+
+
+def env_example() -> str:
+    """The text of `.env.example`: every setting with its default and what it does."""
+    lines = [
+        "# Every setting of the proxy, with its default. Copy to .env and uncomment what you",
+        "# change. CLI flags (python -m proxy --help) override env vars, which override .env.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else str(getattr(default, "value", default))
+        lines.append(f"# {field.description}")
+        lines.append(f"# {name.upper()}={shown}")
+        lines.append("")
+    return "\n".join(lines)

@@ -53,3 +53,7 @@ def start_proxy(aiohttp_client: Any, tei_url: str) -> ProxyFactory:
         return client
 
     return start
+
+
+# A private redis-server per test, for the Redis job store (tests/redis_server.py).
+from tests.redis_server import redis_server, redis_url  # noqa: E402, F401

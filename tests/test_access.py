@@ -30,7 +30,7 @@ async def test_key_never_appears_in_info_or_metrics(start_proxy: ProxyFactory) -
 
 
 async def test_shutdown_route_needs_the_admin_token(start_proxy: ProxyFactory) -> None:
-    from proxy.routes import SHUTDOWN
+    from proxy.http.keys import SHUTDOWN
 
     client = await start_proxy(admin_token="adm1n")
     assert (await client.post("/shutdown")).status == 401

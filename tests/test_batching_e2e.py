@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.routes import SERVICE
+from proxy.http.keys import SERVICE
 from tests.conftest import ProxyFactory
 from tests.tei_double import Fault, TeiDouble, TeiDoubleConfig, expected_vector
 

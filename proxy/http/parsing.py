@@ -14,7 +14,7 @@ from proxy.upstream.base import EmbedInput, EmbedOptions, TruncationDirection
 _U32_MAX = 2**32 - 1
 
 
-def _unprocessable(message: str) -> ApiError:
+def unprocessable(message: str) -> ApiError:
     # axum's Json extractor answers 422 for well-formed JSON of the wrong shape.
     return ApiError(
         422,
@@ -57,7 +57,7 @@ def _is_token_ids(value: list[Any]) -> bool:
 def _token_ids(value: list[Any], where: str) -> list[int]:
     for v in value:
         if not (isinstance(v, int) and not isinstance(v, bool)) or not 0 <= v <= _U32_MAX:
-            raise _unprocessable(f"{where}: token ids must be integers in 0..{_U32_MAX}")
+            raise unprocessable(f"{where}: token ids must be integers in 0..{_U32_MAX}")
     return value
 
 
@@ -78,19 +78,17 @@ def parse_inputs(value: Any, field: str = "inputs") -> list[EmbedInput]:
             elif isinstance(entry, list) and _is_token_ids(entry):
                 items.append(_token_ids(entry, f"{field}[{i}]"))
             else:
-                raise _unprocessable(
+                raise unprocessable(
                     f"{field}[{i}]: expected a string or a list of token ids, "
-                    f"got {_type_name(entry)}"
+                    f"got {type_name(entry)}"
                 )
         return items
     if value is None:
-        raise _unprocessable(f"missing field `{field}`")
-    raise _unprocessable(
-        f"{field}: expected a string or a list of strings, got {_type_name(value)}"
-    )
+        raise unprocessable(f"missing field `{field}`")
+    raise unprocessable(f"{field}: expected a string or a list of strings, got {type_name(value)}")
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {
         bool: "a boolean",
         int: "an integer",
@@ -106,7 +104,7 @@ def _optional_bool(body: dict[str, Any], key: str) -> bool | None:
     value = body.get(key)
     if value is None or isinstance(value, bool):
         return value
-    raise _unprocessable(f"{key}: expected a boolean, got {_type_name(value)}")
+    raise unprocessable(f"{key}: expected a boolean, got {type_name(value)}")
 
 
 def _truncation_direction(body: dict[str, Any]) -> TruncationDirection:
@@ -118,7 +116,7 @@ def _truncation_direction(body: dict[str, Any]) -> TruncationDirection:
         return "Right"
     if value in ("Left", "left"):
         return "Left"
-    raise _unprocessable(
+    raise unprocessable(
         f"truncation_direction: unknown variant {value!r}, expected `Left` or `Right`"
     )
 
@@ -128,7 +126,7 @@ def _dimensions(body: dict[str, Any]) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _unprocessable(f"dimensions: expected a non-negative integer, got {value!r}")
+        raise unprocessable(f"dimensions: expected a non-negative integer, got {value!r}")
     if value == 0:
         raise errors.validation("Input validation error: `dimensions` should be positive")
     return value
@@ -138,15 +136,15 @@ def _prompt_name(body: dict[str, Any]) -> str | None:
     value = body.get("prompt_name")
     if value is None or isinstance(value, str):
         return value
-    raise _unprocessable(f"prompt_name: expected a string, got {_type_name(value)}")
+    raise unprocessable(f"prompt_name: expected a string, got {type_name(value)}")
 
 
 def parse_embed_request(body: Any) -> tuple[list[EmbedInput], EmbedOptions]:
     """TEI's ``EmbedRequest``. Unknown fields are ignored, as TEI does."""
     if not isinstance(body, dict):
-        raise _unprocessable(f"expected a JSON object, got {_type_name(body)}")
+        raise unprocessable(f"expected a JSON object, got {type_name(body)}")
     if "inputs" not in body:
-        raise _unprocessable("missing field `inputs`")
+        raise unprocessable("missing field `inputs`")
     inputs = parse_inputs(body["inputs"])
     normalize = _optional_bool(body, "normalize")
     options = EmbedOptions(

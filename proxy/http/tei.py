@@ -1,44 +1,18 @@
-"""HTTP handlers. They parse, call the service and render; they know nothing of batching."""
+"""TEI's own routes: /embed (and POST /, /invocations), /health, /info, /metrics, plus the
+proxy's /openapi.json, /docs and /shutdown. Handlers parse, call the service and render;
+they know nothing of batching."""
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import time
-from typing import Any
 
-import orjson
 from aiohttp import web
 
 from proxy.errors import ApiError, ErrorType
-from proxy.metrics import Metrics
+from proxy.http.common import bearer_matches, deadline_for, error_response, json_response
+from proxy.http.keys import DRAINING, METRICS, SERVICE, SETTINGS, SHUTDOWN
+from proxy.http.parsing import parse_embed_request, read_json
 from proxy.openapi import SWAGGER_UI_HTML, build_openapi
-from proxy.parsing import parse_embed_request, read_json
-from proxy.service import EmbeddingService
-from proxy.settings import Settings
-
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
-SERVICE = web.AppKey("service", EmbeddingService)
-SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
-
-_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-
-def json_response(
-    payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(payload, option=_JSON_OPTIONS),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def error_response(exc: ApiError) -> web.Response:
-    return json_response(exc.tei_body(), status=exc.status, headers=exc.headers or None)
-
 
 UNHEALTHY = ApiError(503, "unhealthy", ErrorType.UNHEALTHY)
 
@@ -47,9 +21,7 @@ async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await read_json(request)
     inputs, options = parse_embed_request(body)
-    app = request.app
-    deadline = time.monotonic() + app[SETTINGS].request_timeout
-    vectors = await app[SERVICE].embed(inputs, options, deadline=deadline)
+    vectors = await request.app[SERVICE].embed(inputs, options, deadline=deadline_for(request))
     elapsed_ms = str(int((time.perf_counter() - started) * 1000))
     # TEI's response metadata headers (router/src/lib.rs), so clients that read them still can.
     headers = {
@@ -62,6 +34,8 @@ async def embed(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    if request.app[DRAINING].is_set():
+        return error_response(ApiError(503, "draining", ErrorType.UNHEALTHY))
     reason = await request.app[SERVICE].unhealthy_reason()
     if reason is None:
         return web.Response(status=200)
@@ -77,15 +51,6 @@ async def info(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
-
-
-def bearer_matches(request: web.Request, expected: str) -> bool:
-    """Constant-time comparison of the request's Bearer token with ``expected``."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
 async def shutdown(request: web.Request) -> web.Response:
@@ -107,7 +72,7 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=SWAGGER_UI_HTML, content_type="text/html")
 
 
-def add_routes(app: web.Application) -> None:
+def add_tei_routes(app: web.Application) -> None:
     app.router.add_post("/embed", embed)
     # TEI routes POST / and /invocations (SageMaker) to /embed for an embedding model.
     app.router.add_post("/", embed)

@@ -1,0 +1,17 @@
+"""The HTTP layer: one module per door, all leading into the same embedding service."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.http.batch import add_batch_routes
+from proxy.http.openai import add_openai_routes
+from proxy.http.predict import add_predict_routes
+from proxy.http.tei import add_tei_routes
+
+
+def add_routes(app: web.Application) -> None:
+    add_tei_routes(app)
+    add_openai_routes(app)
+    add_predict_routes(app)
+    add_batch_routes(app)

@@ -1,0 +1,44 @@
+"""Rendering and auth helpers shared by every route module."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import ApiError
+from proxy.http.keys import SETTINGS
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_response(
+    payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload, option=_JSON_OPTIONS),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return json_response(exc.tei_body(), status=exc.status, headers=exc.headers or None)
+
+
+def deadline_for(request: web.Request) -> float:
+    """The ``time.monotonic()`` instant by which this request must be answered."""
+    return time.monotonic() + request.app[SETTINGS].request_timeout
+
+
+def bearer_matches(request: web.Request, expected: str) -> bool:
+    """Constant-time comparison of the request's Bearer token with ``expected``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())

@@ -1,0 +1,19 @@
+"""Typed keys of what the app owns; handlers reach the app's resources only through these."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.jobs.base import JobStore
+from proxy.metrics import Metrics
+from proxy.service import EmbeddingService
+from proxy.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICE = web.AppKey("service", EmbeddingService)
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)  # set to ask the server to stop
+DRAINING = web.AppKey("draining", asyncio.Event)  # set once stopping: refuse new work
+JOBS: web.AppKey[JobStore] = web.AppKey("jobs")

@@ -1,0 +1,97 @@
+"""``POST /v1/embeddings`` and ``/embeddings``: the OpenAI embeddings API, as TEI serves it.
+
+The `openai` SDK asks for base64 by default; errors use TEI's OpenAI-compatible body
+``{"message", "code", "type"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import ApiError
+from proxy.http.common import deadline_for, json_response
+from proxy.http.keys import SERVICE
+from proxy.http.parsing import parse_inputs, read_json, type_name, unprocessable
+from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
+
+_CHARS_PER_TOKEN = 4  # the usual estimate for English text; see usage below
+
+
+def _encode_base64(vec: Vector) -> str:
+    # Little-endian float32, as OpenAI and TEI send it.
+    if hasattr(vec, "astype"):  # a numpy row from the embedded model: no per-float copy
+        raw: bytes = vec.astype("<f4").tobytes()
+    else:
+        raw = struct.pack(f"<{len(vec)}f", *vec)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _estimate_tokens(item: EmbedInput) -> int:
+    """Token ids count exactly; text is estimated, since batched upstream calls do not say
+    how many tokens each input had."""
+    if isinstance(item, list):
+        return len(item)
+    return max(1, math.ceil(len(item) / _CHARS_PER_TOKEN))
+
+
+def parse_openai_request(body: Any) -> tuple[list[EmbedInput], EmbedOptions, str, str | None]:
+    if not isinstance(body, dict):
+        raise unprocessable(f"expected a JSON object, got {type_name(body)}")
+    if "input" not in body:
+        raise unprocessable("missing field `input`")
+    inputs = parse_inputs(body["input"], field="input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise unprocessable(
+            f"encoding_format: unknown variant {encoding!r}, expected `float` or `base64`"
+        )
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
+    ):
+        raise unprocessable(f"dimensions: expected a non-negative integer, got {dimensions!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable(f"model: expected a string, got {type_name(model)}")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise unprocessable(f"user: expected a string, got {type_name(user)}")
+    # TEI fixes every other option on this route: auto-truncate, right, no prompt, normalised.
+    return inputs, EmbedOptions(dimensions=dimensions), encoding, model
+
+
+async def openai_embeddings(request: web.Request) -> web.Response:
+    try:
+        body = await read_json(request)
+        inputs, options, encoding, _model = parse_openai_request(body)
+        service = request.app[SERVICE]
+        vectors = await service.embed(inputs, options, deadline=deadline_for(request))
+    except ApiError as exc:
+        return json_response(exc.openai_body(), status=exc.status, headers=exc.headers or None)
+    data = [
+        {
+            "object": "embedding",
+            "embedding": _encode_base64(vec) if encoding == "base64" else vec,
+            "index": i,
+        }
+        for i, vec in enumerate(vectors)
+    ]
+    tokens = sum(_estimate_tokens(item) for item in inputs)
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": service.served_model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def add_openai_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/embeddings", openai_embeddings)
+    app.router.add_post("/embeddings", openai_embeddings)

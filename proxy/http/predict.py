@@ -1,0 +1,98 @@
+"""``/predict``: embed one text now, or, with ``Async-Mode: true``, accept it as a job and
+let the caller poll ``GET /predict/{prediction_id}``.
+
+The paths, status codes and messages are a contract with existing clients. A failed job
+answers 424 (Failed Dependency) with the cause, so a client can tell it from 404 (unknown id)
+and 400 (still processing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy import errors
+from proxy.errors import ErrorType
+from proxy.http.common import deadline_for, json_response
+from proxy.http.keys import JOBS, SERVICE
+from proxy.http.parsing import read_json, type_name, unprocessable
+from proxy.jobs.base import JobQueueFullError, JobStoreUnavailableError
+from proxy.upstream.base import EmbedOptions, Vector
+
+ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
+NOT_FOUND_MESSAGE = "Prediction ID not found."
+PENDING_MESSAGE = "Prediction is still being processed."
+
+
+def as_floats(vec: Vector) -> list[float]:
+    tolist = getattr(vec, "tolist", None)
+    return tolist() if callable(tolist) else list(vec)
+
+
+def _parse(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise unprocessable(f"expected a JSON object, got {type_name(body)}")
+    if "input" not in body:
+        raise unprocessable("missing field `input`")
+    text = body["input"]
+    if not isinstance(text, str):
+        raise unprocessable(f"input: expected a string, got {type_name(text)}")
+    if text == "":
+        raise errors.empty_input()
+    return text
+
+
+def _is_async(request: web.Request) -> bool:
+    return request.headers.get("Async-Mode", "").strip().lower() in ("true", "1", "yes")
+
+
+async def predict(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    text = _parse(body)
+    service = request.app[SERVICE]
+    # The same checks as the synchronous path, so a job never fails for its input later.
+    service.validate([text], EmbedOptions())
+    if _is_async(request):
+        try:
+            prediction_id = await request.app[JOBS].submit(text)
+        except JobQueueFullError as exc:
+            raise errors.overloaded() from exc
+        except JobStoreUnavailableError as exc:
+            raise errors.unavailable(f"job store unavailable: {exc}") from exc
+        return json_response(
+            {"message": ACCEPTED_MESSAGE, "prediction_id": prediction_id}, status=202
+        )
+    vectors = await service.embed([text], EmbedOptions(), deadline=deadline_for(request))
+    return json_response({"input": text, "result": vectors[0]})
+
+
+async def prediction(request: web.Request) -> web.Response:
+    prediction_id = request.match_info["prediction_id"]
+    try:
+        record = await request.app[JOBS].get(prediction_id)
+    except JobStoreUnavailableError as exc:
+        raise errors.unavailable(f"job store unavailable: {exc}") from exc
+    if record is None:
+        return json_response({"error": NOT_FOUND_MESSAGE}, status=404)
+    if record.status == "pending":
+        return json_response({"error": PENDING_MESSAGE}, status=400)
+    if record.status == "failed":
+        cause = record.error or {}
+        return json_response(
+            {
+                "error": f"Prediction failed: {cause.get('error', 'unknown error')}",
+                "error_type": cause.get("error_type", ErrorType.BACKEND.value),
+                "prediction_id": prediction_id,
+                "status": "failed",
+            },
+            status=424,
+        )
+    return json_response(
+        {"prediction_id": prediction_id, "output": {"input": record.input, "result": record.result}}
+    )
+
+
+def add_predict_routes(app: web.Application) -> None:
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/predict/{prediction_id}", prediction)

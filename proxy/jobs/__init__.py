@@ -1,0 +1,1 @@
+"""Async prediction jobs: submit now, poll later. Two stores share one interface."""
