@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from proxy.server import serve
 from proxy.settings import Settings, describe_validation_error
+from proxy.workers import configure_logging, run_workers
 
 
 def load_settings(argv: list[str]) -> Settings:
@@ -27,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure_logging(settings)
+    if settings.workers > 1:
+        return run_workers(settings)
     try:
         asyncio.run(serve(settings))
     except RuntimeError as exc:  # start-up failures we can explain, e.g. a refused API key

@@ -22,7 +22,7 @@ from proxy.settings import Settings
 log = logging.getLogger("proxy")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     app = create_app(settings)
     stop = app[SHUTDOWN]
     loop = asyncio.get_running_loop()
@@ -52,7 +52,7 @@ async def serve(settings: Settings) -> None:
     stopped.cancel()
     setup.result()  # re-raise a start-up failure
 
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     await site.start()
     log.info(
         "listening on http://%s:%d (upstream: %s)",

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.batcher import DispatchPolicy
@@ -18,6 +25,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
         extra="ignore",
         validate_default=True,
+        populate_by_name=True,
     )
 
     # -- upstream -------------------------------------------------------------------------
@@ -45,6 +53,14 @@ class Settings(BaseSettings):
     # -- server ---------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Bind address.")
     port: int = Field(8080, ge=1, le=65535, description="Port.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        validation_alias=AliasChoices("workers", "model_server_workers"),
+        description="Serving processes sharing the port (SO_REUSEPORT); each batches on its "
+        "own. Alias: MODEL_SERVER_WORKERS.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
@@ -95,7 +111,11 @@ class Settings(BaseSettings):
         "max_input_length * 250 when truncation is off.",
     )
     request_timeout: float = Field(
-        60.0, gt=0, description="Seconds a request may live in the proxy (504 past it)."
+        60.0,
+        gt=0,
+        validation_alias=AliasChoices("request_timeout", "model_server_timeout"),
+        description="Seconds a request may live in the proxy (504 past it). Alias: "
+        "MODEL_SERVER_TIMEOUT.",
     )
     max_queue_size: int = Field(4096, ge=1, description="Queued items before new requests get 429.")
 

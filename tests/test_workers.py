@@ -1,0 +1,52 @@
+"""WORKERS=N: N processes share the port through SO_REUSEPORT; SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.processes import start_proxy_process, stop, wait_healthy
+from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
+
+
+@pytest.mark.parametrize("env_name", ["WORKERS", "MODEL_SERVER_WORKERS"])
+async def test_two_workers_serve_one_port_and_drain(
+    aiohttp_server: Any, unused_tcp_port: int, env_name: str
+) -> None:
+    double = TeiDouble(TeiDoubleConfig(delay_base_s=0.02))
+    server = await aiohttp_server(double.make_app())
+    upstream = str(server.make_url("")).rstrip("/")
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    proc = await start_proxy_process(
+        "--upstream-url", upstream, "--port", str(unused_tcp_port), **{env_name: "2"}
+    )
+    try:
+        await wait_healthy(url, proc)
+        texts = [f"multi worker {i}" for i in range(100)]
+        # Separate connections, so the kernel can spread them over both workers.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=50)
+        ) as session:
+
+            async def call(text: str) -> Any:
+                async with session.post(url + "/embed", json={"inputs": text}) as resp:
+                    assert resp.status == 200
+                    return await resp.json()
+
+            bodies = await asyncio.gather(*(call(t) for t in texts))
+        for text, body in zip(texts, bodies, strict=True):
+            assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert proc.stdout is not None
+        log = (await proc.stdout.read()).decode()
+        assert "started 2 workers" in log
+        for index in (0, 1):
+            assert f"[worker {index}] proxy: listening" in log
+            assert f"[worker {index}] proxy: stopped after draining" in log
+    finally:
+        await stop(proc)
