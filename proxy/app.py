@@ -155,6 +155,12 @@ def create_app(
         )
         app[SERVICE] = service
         app[JOBS] = jobs
+        if jobs.kind == "memory" and settings.workers > 1:
+            log.warning(
+                "WORKERS=%d with JOB_STORE=memory: async jobs are refused (503), since a poll "
+                "may reach another worker; set JOB_STORE=redis://... to use them",
+                settings.workers,
+            )
 
         async def run_job(text: str) -> list[float]:
             # Jobs meet every other caller in the same batcher.

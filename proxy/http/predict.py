@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.errors import ErrorType
 from proxy.http.common import deadline_for, json_response
-from proxy.http.keys import JOBS, SERVICE
+from proxy.http.keys import JOBS, SERVICE, SETTINGS
 from proxy.http.parsing import read_json, type_name, unprocessable
 from proxy.jobs.base import JobQueueFullError, JobStoreUnavailableError
 from proxy.upstream.base import EmbedOptions, Vector
@@ -54,8 +54,16 @@ async def predict(request: web.Request) -> web.Response:
     # The same checks as the synchronous path, so a job never fails for its input later.
     service.validate([text], EmbedOptions())
     if _is_async(request):
+        jobs = request.app[JOBS]
+        if jobs.kind == "memory" and request.app[SETTINGS].workers > 1:
+            # Each worker has its own memory store: a poll reaching another worker would
+            # answer 404 for a job that exists. Refuse rather than lose track of jobs.
+            raise errors.unavailable(
+                "async jobs with WORKERS > 1 need JOB_STORE=redis://...: the memory store "
+                "is per worker process"
+            )
         try:
-            prediction_id = await request.app[JOBS].submit(text)
+            prediction_id = await jobs.submit(text)
         except JobQueueFullError as exc:
             raise errors.overloaded() from exc
         except JobStoreUnavailableError as exc:
