@@ -9,10 +9,18 @@ Two dispatch policies:
 
 * ``timer``: a batch goes when it is full (by count or cost) or when its oldest item has
   waited ``max_wait``, and a slot is free.
-* ``adaptive``: whenever fewer than ``max_concurrent_batches`` calls are in flight, whatever
-  is queued goes at once, so a lone item never waits for a timer. Items only accumulate while
-  every slot is busy; when a slot frees, the next batch forms at once. An item therefore never
-  waits longer than it would under ``timer``.
+* ``adaptive``: whenever fewer than ``eager_slots`` calls are in flight (the upstream is
+  idle or nearly), whatever is queued goes at once, so a lone item never waits for a timer.
+  Items only accumulate while those slots are busy; when one frees, the next batch forms at
+  once. Past ``eager_slots`` and up to ``max_concurrent_batches``, the ``timer`` rule applies
+  (a full batch, or one whose oldest item waited ``max_wait``), so ``max_wait`` still caps
+  the wait while spare slots exist. An item never waits longer than it would under ``timer``.
+  ``eager_slots`` defaults to ``max_concurrent_batches``: every slot is eager.
+
+Why two kinds of slot: "idle" must mean the *upstream* has spare capacity. TEI runs one batch
+and holds one prefetched; a third call only queues inside it. Sending whatever is queued to
+every free slot would then make many tiny batches; letting extra slots carry only full (or
+aged) batches keeps batches large while still using the upstream's admission capacity.
 
 In both, at most ``max_concurrent_batches`` calls run at once: it is a hard bound that protects
 the upstream. Items that arrive in the same event-loop turn are merged, because dispatch runs
@@ -82,6 +90,7 @@ class BatcherConfig:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
     max_concurrent_batches: int = 2
+    eager_slots: int | None = None  # adaptive only; None: max_concurrent_batches
     policy: DispatchPolicy = DispatchPolicy.ADAPTIVE
     max_batch_cost: float = math.inf
     max_queue_size: int | None = None
@@ -91,6 +100,8 @@ class BatcherConfig:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_concurrent_batches < 1:
             raise ValueError("max_concurrent_batches must be at least 1")
+        if self.eager_slots is not None and not 0 <= self.eager_slots:
+            raise ValueError("eager_slots must not be negative")
         if self.max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
         if self.max_batch_cost <= 0:
@@ -248,6 +259,8 @@ class Batcher(Generic[T, R]):
     def _next_ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
         """The key whose batch may go now (oldest head first), or when the next one may."""
         cfg = self.config
+        eager_limit = cfg.max_concurrent_batches if cfg.eager_slots is None else cfg.eager_slots
+        eager = cfg.policy is DispatchPolicy.ADAPTIVE and self._in_flight < eager_limit
         best_key: Hashable | None = None
         best_age = -math.inf
         earliest: float | None = None
@@ -258,7 +271,7 @@ class Batcher(Generic[T, R]):
                 continue
             age = now - head.enqueued_at
             ready = (
-                cfg.policy is DispatchPolicy.ADAPTIVE
+                eager
                 or self._closing
                 or age >= cfg.max_wait_s
                 or queue.count >= cfg.max_batch_size

@@ -52,7 +52,13 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     stopped.cancel()
     setup.result()  # re-raise a start-up failure
 
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    site = web.TCPSite(
+        runner,
+        settings.host,
+        settings.port,
+        backlog=settings.backlog,
+        reuse_port=reuse_port or None,
+    )
     await site.start()
     log.info(
         "listening on http://%s:%d (upstream: %s)",

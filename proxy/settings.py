@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     max_concurrent_batches: int = Field(
         2, ge=1, le=1024, description="Upstream calls in flight at once."
     )
+    eager_batches: int = Field(
+        2,
+        ge=1,
+        description="adaptive: upstream calls in flight below which whatever is queued goes at "
+        "once (TEI runs one batch and prefetches one: 2). Further calls, up to "
+        "MAX_CONCURRENT_BATCHES, carry only full batches or ones that waited MAX_WAIT_TIME.",
+    )
+    backlog: int = Field(
+        2048,
+        ge=1,
+        description="Listen backlog: connections the kernel holds before the proxy accepts "
+        "them, so a burst of new clients is not dropped.",
+    )
     dispatch: Literal["adaptive", "timer"] = Field(
         "adaptive",
         description="adaptive: send whatever is queued as soon as an upstream slot is free; "
@@ -117,7 +130,12 @@ class Settings(BaseSettings):
         description="Seconds a request may live in the proxy (504 past it). Alias: "
         "MODEL_SERVER_TIMEOUT.",
     )
-    max_queue_size: int = Field(4096, ge=1, description="Queued items before new requests get 429.")
+    max_queue_size: int = Field(
+        2048,
+        ge=1,
+        description="Queued items before new requests get 429. Size it to a few seconds of "
+        "the upstream's throughput: a deeper queue only adds waiting.",
+    )
 
     # -- reliability ----------------------------------------------------------------------
     upstream_retries: int = Field(

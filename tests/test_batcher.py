@@ -246,3 +246,26 @@ def test_invalid_config_is_refused() -> None:
         BatcherConfig(max_batch_size=0)
     with pytest.raises(ValueError):
         BatcherConfig(max_concurrent_batches=0)
+
+
+async def test_extra_slots_carry_only_full_or_aged_batches() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    cfg = BatcherConfig(max_batch_size=4, max_concurrent_batches=3, eager_slots=1, max_wait_s=0.3)
+    batcher: Batcher[str, str] = Batcher(rec, cfg)
+    first = asyncio.ensure_future(batcher.submit("first"))
+    await asyncio.sleep(0.01)
+    assert rec.batches == [["first"]]  # the eager slot: at once
+    small = [asyncio.ensure_future(batcher.submit(f"s{i}")) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert len(rec.batches) == 1  # not full and young: it waits although slots are free
+    full = [asyncio.ensure_future(batcher.submit(f"f{i}")) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert rec.batches[1] == ["s0", "s1", "f0", "f1"]  # full: goes on an extra slot at once
+    late = asyncio.ensure_future(batcher.submit("late"))
+    await asyncio.sleep(0.1)
+    assert len(rec.batches) == 2
+    await asyncio.sleep(0.3)
+    assert rec.batches[2] == ["late"]  # aged past max_wait: goes on the last free slot
+    rec.gate.set()
+    await asyncio.gather(first, late, *small, *full)
