@@ -138,9 +138,7 @@ async def poll(client: Any, prediction_id: str, limit_s: float = 10) -> Any:
 async def test_predict_async_lifecycle(start_proxy: ProxyFactory, tei_double: TeiDouble) -> None:
     client = await start_proxy()
     tei_double.config.delay_base_s = 0.2
-    resp = await client.post(
-        "/predict", json={"input": "job text"}, headers={"Async-Mode": "true"}
-    )
+    resp = await client.post("/predict", json={"input": "job text"}, headers={"Async-Mode": "true"})
     assert resp.status == 202
     body = await resp.json()
     assert body["message"] == "Request received. Processing asynchronously."
@@ -214,9 +212,7 @@ async def test_full_job_queue_is_429(start_proxy: ProxyFactory, tei_double: TeiD
     ("body", "status"),
     [({"input": ""}, 400), ({"input": 5}, 422), ({"text": "x"}, 422), (["x"], 422)],
 )
-async def test_predict_bad_input(
-    start_proxy: ProxyFactory, body: Any, status: int
-) -> None:
+async def test_predict_bad_input(start_proxy: ProxyFactory, body: Any, status: int) -> None:
     client = await start_proxy()
     for headers in ({}, {"Async-Mode": "true"}):
         resp = await client.post("/predict", json=body, headers=headers)

@@ -1,0 +1,55 @@
+"""Deterministic request texts: short (~8 words) and long (~120 word-piece tokens).
+
+Texts vary per request so nothing along the way can serve a repeated answer, and they are
+built from a fixed seed so every run sends the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import orjson
+
+TextKind = Literal["short", "long"]
+TEXT_KINDS: tuple[TextKind, ...] = ("short", "long")
+
+# Common English words, so word-piece tokenisation gives about one token per word.
+_WORDS = (
+    "the a an of to in for on with at by from about into over after before under between "
+    "through during without within along across behind beyond near since until while "
+    "people time year day way man woman child world life hand part place case week company "
+    "system program question work government number night point home water room mother "
+    "area money story fact month lot right study book eye job word business issue side kind "
+    "head house service friend father power hour game line end member law car city name "
+    "team minute idea kid body information back parent face others level office door health "
+    "person art war history party result change morning reason research girl guy moment air "
+    "teacher force education good new first last long great little own other old big high "
+    "different small large next early young important few public bad same able make know "
+    "take see come think look want give use find tell ask seem feel try leave call keep let "
+    "begin help show hear play run move live believe bring happen write provide sit stand "
+    "lose pay meet include continue set learn lead understand watch follow stop create speak "
+    "read allow add spend grow open walk win offer remember love consider appear buy wait "
+    "serve die send expect build stay fall cut reach kill remain suggest raise pass sell "
+    "require report decide pull"
+).split()
+
+SHORT_WORDS = 8
+LONG_WORDS = 117  # 120 tokens with [CLS], [SEP] and the full stop
+
+
+def make_text(kind: TextKind, index: int, seed: int = 1234) -> str:
+    rng = random.Random(seed * 1_000_003 + index * 2 + (kind == "long"))
+    n = SHORT_WORDS if kind == "short" else LONG_WORDS
+    words = [rng.choice(_WORDS) for _ in range(n)]
+    words[0] = words[0].capitalize()
+    return " ".join(words) + "."
+
+
+def texts(kind: TextKind, count: int, seed: int = 1234) -> list[str]:
+    return [make_text(kind, i, seed) for i in range(count)]
+
+
+def embed_bodies(kind: TextKind, count: int = 512, seed: int = 1234) -> list[bytes]:
+    """Ready-to-send ``{"inputs": text}`` JSON bodies, one per distinct text."""
+    return [orjson.dumps({"inputs": t}) for t in texts(kind, count, seed)]
