@@ -138,6 +138,7 @@ def create_app(
             result_ttl_s=settings.result_ttl,
             workers=settings.job_workers,
             visibility_timeout_s=settings.job_visibility_timeout,
+            max_records=settings.max_job_records,
         )
         app[SERVICE] = service
         app[JOBS] = jobs

@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     max_jobs: int = Field(
         10_000, ge=1, description="Unfinished async jobs before POST /predict answers 429."
     )
+    max_job_records: int = Field(
+        20_000,
+        ge=1,
+        description="memory store: job records kept at most (finished ones are evicted "
+        "oldest first past it, even before RESULT_TTL), so memory stays bounded. At least "
+        "MAX_JOBS.",
+    )
     result_ttl: float = Field(
         3600.0, gt=0, description="Seconds a finished job's result stays readable."
     )
@@ -214,6 +221,12 @@ class Settings(BaseSettings):
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be `memory` or a redis://, rediss:// or unix:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _check_job_bounds(self) -> Settings:
+        if self.max_job_records < self.max_jobs:
+            raise ValueError("MAX_JOB_RECORDS must be at least MAX_JOBS")
+        return self
 
     @field_validator("upstream_url")
     @classmethod

@@ -97,7 +97,7 @@ async def stores() -> AsyncIterator[list[JobStore]]:
     made: list[JobStore] = []
     yield made
     for store in made:
-        await store.close()
+        await asyncio.wait_for(store.close(), 10)
 
 
 @pytest.fixture

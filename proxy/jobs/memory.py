@@ -75,6 +75,7 @@ class MemoryJobStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._processor: Processor | None = None
         self._draining = False
+        self._stopped = False
 
     async def start(self, processor: Processor) -> None:
         if self._processor is not None:
@@ -122,6 +123,7 @@ class MemoryJobStore:
         await self._stop_workers()
 
     async def _stop_workers(self) -> None:
+        self._stopped = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -137,7 +139,8 @@ class MemoryJobStore:
             self._records.pop(prediction_id, None)
 
     async def _work(self) -> None:
-        while True:
+        # Not `while True`: should a processor swallow our cancellation, the worker still ends.
+        while not self._stopped:
             prediction_id = await self._queue.get()
             try:
                 await self._run(prediction_id)

@@ -229,6 +229,7 @@ class RedisJobStore:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._closed = False
         self._reader: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._claim_cursor = "0-0"
@@ -297,6 +298,7 @@ class RedisJobStore:
 
     async def close(self) -> None:
         """Stop everything (jobs still running are left to other replicas) and disconnect."""
+        self._closed = True
         self._stopping.set()
         self._slot_free.set()
         tasks = [t for t in (self._reader, self._keeper, *self._inflight.values()) if t]
@@ -457,7 +459,7 @@ class RedisJobStore:
         up to the visibility timeout (by then another replica will have re-claimed it)."""
         deadline = time.monotonic() + self._visibility_ms / 1000
         backoff = _Backoff()
-        while True:
+        while not self._closed:
             try:
                 if record is None or prediction_id is None:
                     async with self._redis.pipeline(transaction=True) as pipe:
@@ -479,7 +481,9 @@ class RedisJobStore:
                 await asyncio.sleep(delay)
 
     async def _keep_ownership(self) -> None:
-        while True:
+        # Checks _closed too: a cancellation can get lost inside redis-py (seen under CPU
+        # starvation), and then this loop would run on and close() would wait forever.
+        while not self._closed:
             await asyncio.sleep(self._keep_every_s)
             held = list(self._inflight)
             if not held:
