@@ -26,6 +26,12 @@ async def test_two_workers_serve_one_port_and_drain(
     )
     try:
         await wait_healthy(url, proc)
+        assert proc.stdout is not None
+        log_lines: list[str] = []
+        # Both workers must be serving before the load, or the kernel has only one to pick.
+        async with asyncio.timeout(30):
+            while sum("proxy: listening" in line for line in log_lines) < 2:
+                log_lines.append((await proc.stdout.readline()).decode())
         texts = [f"multi worker {i}" for i in range(100)]
         # Separate connections, so the kernel can spread them over both workers.
         async with aiohttp.ClientSession(
@@ -42,8 +48,7 @@ async def test_two_workers_serve_one_port_and_drain(
             assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
-        assert proc.stdout is not None
-        log = (await proc.stdout.read()).decode()
+        log = "".join(log_lines) + (await proc.stdout.read()).decode()
         assert "started 2 workers" in log
         for index in (0, 1):
             assert f"[worker {index}] proxy: listening" in log
