@@ -456,7 +456,7 @@ async def _wait_accepted(px: procs.Server, n: int, timeout_s: float) -> tuple[in
 async def overload(ctx: Context) -> dict[str, Any]:
     p = ctx.profile
     opts = {"a_ms": COST_A_MS, "b_ms": OVERLOAD_B_MS, **TEI_LIMITS}
-    configs: list[tuple[str, tuple[str, ...]]] = [("proxy (queue 4096)", ())]
+    configs: list[tuple[str, tuple[str, ...]]] = [("proxy (default queue, 2048)", ())]
     if not p.quick:
         configs.append(("proxy --max-queue-size 512", ("--max-queue-size", "512")))
     rows: list[dict[str, Any]] = []
@@ -471,7 +471,7 @@ async def overload(ctx: Context) -> dict[str, Any]:
                     cap["label"] = "capacity (closed loop, 256)"
                     rows.append(cap)
                     rate = 3.0 * cap["throughput_rps"]
-                # Long enough for the default 4096-item queue to fill and shedding to start.
+                # Long enough for the default 2048-item queue to fill and shedding to start.
                 spec = LoadSpec(
                     url=px.url,
                     rate=rate,
