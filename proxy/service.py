@@ -94,13 +94,18 @@ class EmbeddingService:
         self._dimension = info.embedding_dimension
         s = self.settings
         batch_size = min(s.max_batch_size, info.max_client_batch_size)
+        # Never hold more items in the upstream than it admits (TEI's permits are per item:
+        # past max_concurrent_requests it answers 429 for the whole call).
+        concurrency = min(
+            s.max_concurrent_batches, max(1, info.max_concurrent_requests // batch_size)
+        )
         self._batcher = Batcher(
             self._process,
             BatcherConfig(
                 max_batch_size=batch_size,
                 max_wait_s=s.max_wait_s,
-                max_concurrent_batches=s.max_concurrent_batches,
-                eager_slots=min(s.eager_batches, s.max_concurrent_batches),
+                max_concurrent_batches=concurrency,
+                eager_slots=min(s.eager_batches, concurrency),
                 policy=s.dispatch_policy,
                 max_batch_cost=s.max_batch_chars,
                 max_queue_size=s.max_queue_size,
@@ -112,7 +117,7 @@ class EmbeddingService:
         log.info(
             "model %s via %s upstream (%s): effective batch size %d = min(MAX_BATCH_SIZE=%d, "
             "upstream max_client_batch_size=%d); dispatch=%s, max_wait=%gms, "
-            "max_concurrent_batches=%d, max_batch_chars=%d",
+            "max_concurrent_batches=%d (upstream admits %d items), max_batch_chars=%d",
             self.name,
             self.upstream.kind,
             info.model_id,
@@ -121,7 +126,8 @@ class EmbeddingService:
             info.max_client_batch_size,
             s.dispatch,
             s.max_wait_time,
-            s.max_concurrent_batches,
+            concurrency,
+            info.max_concurrent_requests,
             s.max_batch_chars,
         )
 
@@ -473,6 +479,9 @@ class EmbeddingService:
             "max_batch_size": s.max_batch_size,
             "effective_batch_size": self.effective_batch_size if self.started else None,
             "max_concurrent_batches": s.max_concurrent_batches,
+            "effective_concurrent_batches": (
+                self.batcher.config.max_concurrent_batches if self.started else None
+            ),
             "eager_batches": min(s.eager_batches, s.max_concurrent_batches),
             "max_batch_chars": s.max_batch_chars,
             "max_client_batch_size": s.max_client_batch_size,

@@ -129,3 +129,17 @@ async def test_unreachable_upstream_is_503(start_proxy: ProxyFactory, unused_tcp
     assert body["error_type"] == "Unhealthy"
     assert "unreachable" in body["error"]
     assert (await client.get("/health")).status == 503
+
+
+async def test_concurrency_never_exceeds_what_the_upstream_admits(
+    start_proxy: ProxyFactory, tei_double: TeiDouble
+) -> None:
+    tei_double.config.max_concurrent_requests = 64  # two calls of 32 items
+    client = await start_proxy(max_concurrent_batches=8)
+    info = await (await client.get("/info")).json()
+    assert info["proxy"]["max_concurrent_batches"] == 8
+    assert info["proxy"]["effective_concurrent_batches"] == 2
+    texts = [f"t{i}" for i in range(300)]
+    responses = await asyncio.gather(*(client.post("/embed", json={"inputs": t}) for t in texts))
+    assert all(r.status == 200 for r in responses)
+    assert tei_double.max_in_flight_calls <= 2
