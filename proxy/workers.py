@@ -8,7 +8,6 @@ signals, restarts a worker that crashes, and exits 0 once every worker drained a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -18,7 +17,7 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from proxy.server import serve
+from proxy.server import run
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.workers")
@@ -39,7 +38,7 @@ def configure_logging(settings: Settings, prefix: str = "") -> None:
 def _worker_main(settings: Settings, index: int) -> None:
     configure_logging(settings, prefix=f"[worker {index}] ")
     try:
-        asyncio.run(serve(settings, reuse_port=True))
+        run(settings, reuse_port=True)
     except RuntimeError as exc:
         logging.getLogger("proxy").error("%s", exc)
         sys.exit(1)
