@@ -33,8 +33,8 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 
 # Both variants get the `redis` extra (JOB_STORE=redis://... is a run-time setting) and the
-# `fast` extra (uvloop). Versions come from pyproject.toml's ranges, so DL3013 (pin every pip
-# install) does not apply.
+# `fast` extra (uvloop, for EVENT_LOOP=uvloop). Versions come from pyproject.toml's ranges,
+# so DL3013 (pin every pip install) does not apply.
 # After installing: pip and setuptools are not needed at run time (~24 MB), nor are the test
 # suites some wheels ship (numpy's, fsspec's: ~17 MB).
 # hadolint ignore=DL3013

@@ -23,16 +23,16 @@ log = logging.getLogger("proxy")
 
 
 def run(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until stopped, on uvloop when asked for or (``auto``) when installed."""
-    if settings.event_loop != "asyncio":
+    """Serve until stopped, on the event loop the settings ask for."""
+    if settings.event_loop == "uvloop":
         try:
             import uvloop
         except ImportError:
-            if settings.event_loop == "uvloop":
-                raise RuntimeError("EVENT_LOOP=uvloop, but uvloop is not installed") from None
-        else:
-            uvloop.run(serve(settings, reuse_port=reuse_port))
-            return
+            raise RuntimeError(
+                "EVENT_LOOP=uvloop, but uvloop is not installed: pip install '.[fast]'"
+            ) from None
+        uvloop.run(serve(settings, reuse_port=reuse_port))
+        return
     asyncio.run(serve(settings, reuse_port=reuse_port))
 
 

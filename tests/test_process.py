@@ -88,3 +88,24 @@ def test_help_lists_the_settings() -> None:
         "--upstream-timeout",
     ):
         assert flag in result.stdout
+
+
+async def test_uvloop_event_loop_serves(aiohttp_server: Any, unused_tcp_port: int) -> None:
+    pytest.importorskip("uvloop")
+    double = TeiDouble(TeiDoubleConfig())
+    server = await aiohttp_server(double.make_app())
+    upstream = str(server.make_url("")).rstrip("/")
+    proc = await start_proxy_process(
+        "--upstream-url", upstream, "--port", str(unused_tcp_port), "--event-loop", "uvloop"
+    )
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    try:
+        await wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/embed", json={"inputs": "on uvloop"}) as resp:
+                assert resp.status == 200
+                assert await resp.json() == [pytest.approx(expected_vector("on uvloop"), rel=1e-6)]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        await stop(proc)
