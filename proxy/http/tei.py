@@ -14,8 +14,6 @@ from proxy.http.keys import DRAINING, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.parsing import parse_embed_request, read_json
 from proxy.openapi import SWAGGER_UI_HTML, build_openapi
 
-UNHEALTHY = ApiError(503, "unhealthy", ErrorType.UNHEALTHY)
-
 
 async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
@@ -39,8 +37,7 @@ async def health(request: web.Request) -> web.Response:
     reason = await request.app[SERVICE].unhealthy_reason()
     if reason is None:
         return web.Response(status=200)
-    if reason == "unhealthy":
-        return error_response(UNHEALTHY)  # TEI's exact body
+    # "unhealthy" gives TEI's exact body; other reasons say why (breaker, starting).
     return error_response(ApiError(503, reason, ErrorType.UNHEALTHY))
 
 
