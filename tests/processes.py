@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+
+from tests.tei_double import TeiDouble, TeiDoubleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +53,10 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
+
+
+async def start_double(aiohttp_server: Any, **config: Any) -> tuple[TeiDouble, str]:
+    """The TEI double on a loopback port, for a proxy process to use; returns its base URL."""
+    double = TeiDouble(TeiDoubleConfig(**config))
+    server = await aiohttp_server(double.make_app())
+    return double, str(server.make_url("")).rstrip("/")

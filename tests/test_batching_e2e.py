@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
+from proxy.app import create_app
 from proxy.http.keys import SERVICE
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, make_settings
 from tests.tei_double import Fault, TeiDouble, TeiDoubleConfig, expected_vector
 
 
@@ -143,3 +145,18 @@ async def test_concurrency_never_exceeds_what_the_upstream_admits(
     responses = await asyncio.gather(*(client.post("/embed", json={"inputs": t}) for t in texts))
     assert all(r.status == 200 for r in responses)
     assert tei_double.max_in_flight_calls <= 2
+
+
+async def test_start_up_waits_for_tei_to_bind(
+    aiohttp_client: Any, aiohttp_server: Any, unused_tcp_port: int
+) -> None:
+    # TEI binds its port only once its model is loaded: the proxy must wait, not fail.
+    settings = make_settings(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
+    starting = asyncio.ensure_future(aiohttp_client(create_app(settings)))
+    await asyncio.sleep(0.6)
+    assert not starting.done()
+    double = TeiDouble(TeiDoubleConfig())
+    await aiohttp_server(double.make_app(), port=unused_tcp_port)
+    client = await asyncio.wait_for(starting, 10)
+    resp = await client.post("/embed", json={"inputs": "late upstream"})
+    assert resp.status == 200

@@ -12,17 +12,24 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.processes import ROOT, proxy_env, start_proxy_process, stop, wait_healthy
-from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
+from tests.processes import (
+    ROOT,
+    proxy_env,
+    start_double,
+    start_proxy_process,
+    stop,
+    wait_healthy,
+)
+from tests.tei_double import TeiDouble, expected_vector
 
 
 @pytest.fixture
 async def proxy_process(
     aiohttp_server: Any, unused_tcp_port: int
 ) -> AsyncIterator[tuple[TeiDouble, str, asyncio.subprocess.Process]]:
-    double = TeiDouble(TeiDoubleConfig(max_client_batch_size=32, delay_base_s=0.02))
-    server = await aiohttp_server(double.make_app())
-    upstream = str(server.make_url("")).rstrip("/")
+    double, upstream = await start_double(
+        aiohttp_server, max_client_batch_size=32, delay_base_s=0.02
+    )
     proc = await start_proxy_process(
         "--upstream-url", upstream, "--port", str(unused_tcp_port), "--max-batch-size", "64"
     )
@@ -92,9 +99,7 @@ def test_help_lists_the_settings() -> None:
 
 async def test_uvloop_event_loop_serves(aiohttp_server: Any, unused_tcp_port: int) -> None:
     pytest.importorskip("uvloop")
-    double = TeiDouble(TeiDoubleConfig())
-    server = await aiohttp_server(double.make_app())
-    upstream = str(server.make_url("")).rstrip("/")
+    _, upstream = await start_double(aiohttp_server)
     proc = await start_proxy_process(
         "--upstream-url", upstream, "--port", str(unused_tcp_port), "--event-loop", "uvloop"
     )

@@ -10,14 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.processes import start_proxy_process, stop, wait_healthy
-from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
-
-
-async def start_double(aiohttp_server: Any, **config: Any) -> tuple[TeiDouble, str]:
-    double = TeiDouble(TeiDoubleConfig(**config))
-    server = await aiohttp_server(double.make_app())
-    return double, str(server.make_url("")).rstrip("/")
+from tests.processes import start_double, start_proxy_process, stop, wait_healthy
+from tests.tei_double import expected_vector
 
 
 async def test_sigterm_under_load_answers_every_accepted_request(

@@ -9,17 +9,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.processes import start_proxy_process, stop, wait_healthy
-from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
+from tests.processes import start_double, start_proxy_process, stop, wait_healthy
+from tests.tei_double import expected_vector
 
 
 @pytest.mark.parametrize("env_name", ["WORKERS", "MODEL_SERVER_WORKERS"])
 async def test_two_workers_serve_one_port_and_drain(
     aiohttp_server: Any, unused_tcp_port: int, env_name: str
 ) -> None:
-    double = TeiDouble(TeiDoubleConfig(delay_base_s=0.02))
-    server = await aiohttp_server(double.make_app())
-    upstream = str(server.make_url("")).rstrip("/")
+    _, upstream = await start_double(aiohttp_server, delay_base_s=0.02)
     url = f"http://127.0.0.1:{unused_tcp_port}"
     proc = await start_proxy_process(
         "--upstream-url", upstream, "--port", str(unused_tcp_port), **{env_name: "2"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ import orjson
 
 from proxy.errors import ApiError, ErrorType, bad_upstream, validation
 from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
-from proxy.upstream.tei import HttpUpstreamBase, check_vectors
+from proxy.upstream.tei import HttpUpstreamBase, NotReadyError, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +71,18 @@ class OpenAIUpstream(HttpUpstreamBase):
     async def start(self) -> UpstreamInfo:
         """Probe with one tiny embedding: it proves reachability and credentials, and tells
         the dimension. Transport faults are retried; refusals stop start-up."""
-        delay = 0.2
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def probe() -> list[Vector]:
             try:
-                vectors = await self._call(["ping"])
-                break
+                return await self._call(["ping"])
             except ApiError as exc:
-                if exc.status not in (502, 503, 504) or exc.message.startswith("upstream refused"):
-                    raise RuntimeError(f"openai upstream refused the probe: {exc.message}") from exc
-                log.warning(
-                    "waiting for the openai upstream at %s (attempt %d: %s); retrying in %.1fs",
-                    self._replicas[0].base_url,
-                    attempt,
-                    exc.message,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                if exc.status in (502, 503, 504) and not exc.message.startswith("upstream refused"):
+                    raise NotReadyError(exc.message) from exc
+                raise RuntimeError(f"openai upstream refused the probe: {exc.message}") from exc
+
+        vectors = await self._until_ready(
+            probe, f"the openai upstream at {self._replicas[0].base_url}"
+        )
         dim = len(vectors[0])
         model_id = self.model or "openai-compatible"
         raw: dict[str, Any] = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -16,11 +16,17 @@ from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _STARTUP_RETRY_MAX_S = 5.0
 
 
 def _json_dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+class NotReadyError(Exception):
+    """The upstream is not serving yet; start-up waits and asks again."""
 
 
 class _Replica:
@@ -97,6 +103,24 @@ class HttpUpstreamBase:
         ) as resp:
             return resp.status, await resp.read()
 
+    async def _until_ready(self, probe: Callable[[], Awaitable[T]], what: str) -> T:
+        """Call ``probe`` until it stops raising NotReadyError, backing off and logging.
+
+        Any other exception (e.g. a refused key) ends start-up: retrying cannot fix it.
+        """
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await probe()
+            except NotReadyError as exc:
+                log.warning(
+                    "waiting for %s (attempt %d: %s); retrying in %.1fs", what, attempt, exc, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _STARTUP_RETRY_MAX_S)
+
     async def health(self) -> bool:
         """Healthy when at least one replica answers its health route with 200."""
         for replica in sorted(self._replicas, key=lambda r: r.in_flight):
@@ -164,33 +188,22 @@ class TeiUpstream(HttpUpstreamBase):
     async def start(self) -> UpstreamInfo:
         """Read ``/info``, retrying until TEI answers: it binds its port only once loaded."""
         base = self._replicas[0].base_url
-        delay = 0.2
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def read_info() -> UpstreamInfo:
             try:
                 status, body = await self._get(base, "/info", min(self._timeout_s, 10.0))
                 if status == 200:
-                    info = UpstreamInfo.from_tei(orjson.loads(body))
-                    self.info = info
-                    return info
-                if status in (401, 403):
-                    # Retrying cannot fix a wrong UPSTREAM_API_KEY: fail start-up loudly.
-                    raise RuntimeError(
-                        f"TEI at {base} refused /info with {status}: check UPSTREAM_API_KEY"
-                    )
-                reason = f"HTTP {status}"
+                    return UpstreamInfo.from_tei(orjson.loads(body))
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-                reason = exc.__class__.__name__
-            log.warning(
-                "waiting for TEI at %s/info (attempt %d: %s); retrying in %.1fs",
-                base,
-                attempt,
-                reason,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _STARTUP_RETRY_MAX_S)
+                raise NotReadyError(exc.__class__.__name__) from exc
+            if status in (401, 403):
+                raise RuntimeError(
+                    f"TEI at {base} refused /info with {status}: check UPSTREAM_API_KEY"
+                )
+            raise NotReadyError(f"HTTP {status}")
+
+        self.info = await self._until_ready(read_info, f"TEI at {base}/info")
+        return self.info
 
     async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
         payload: dict[str, Any] = {"inputs": list(inputs), "normalize": options.normalize}
