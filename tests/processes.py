@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.tei_double import TeiDouble, TeiDoubleConfig
+from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +61,16 @@ async def start_double(aiohttp_server: Any, **config: Any) -> tuple[TeiDouble, s
     double = TeiDouble(TeiDoubleConfig(**config))
     server = await aiohttp_server(double.make_app())
     return double, str(server.make_url("")).rstrip("/")
+
+
+async def embed_each_and_check(session: aiohttp.ClientSession, url: str, texts: list[str]) -> None:
+    """POST every text to /embed concurrently; each caller must get its own text's vector."""
+
+    async def call(text: str) -> Any:
+        async with session.post(url + "/embed", json={"inputs": text}) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    bodies = await asyncio.gather(*(call(t) for t in texts))
+    for text, body in zip(texts, bodies, strict=True):
+        assert body == [pytest.approx(expected_vector(text), rel=1e-6)]

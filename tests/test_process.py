@@ -14,6 +14,7 @@ import pytest
 
 from tests.processes import (
     ROOT,
+    embed_each_and_check,
     proxy_env,
     start_double,
     start_proxy_process,
@@ -48,15 +49,7 @@ async def test_256_concurrent_callers_each_get_their_own_vector(
     texts = [f"caller {i} says hello" for i in range(256)]
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def call(text: str) -> Any:
-            async with session.post(url + "/embed", json={"inputs": text}) as resp:
-                assert resp.status == 200
-                return await resp.json()
-
-        bodies = await asyncio.gather(*(call(t) for t in texts))
-    for text, body in zip(texts, bodies, strict=True):
-        assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
+        await embed_each_and_check(session, url, texts)
     sizes = double.batch_sizes
     assert sum(sizes) == 256 and max(sizes) <= 32
     assert len(sizes) <= 32, sizes

@@ -9,8 +9,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.processes import start_double, start_proxy_process, stop, wait_healthy
-from tests.tei_double import expected_vector
+from tests.processes import (
+    embed_each_and_check,
+    start_double,
+    start_proxy_process,
+    stop,
+    wait_healthy,
+)
 
 
 @pytest.mark.parametrize("env_name", ["WORKERS", "MODEL_SERVER_WORKERS"])
@@ -35,15 +40,7 @@ async def test_two_workers_serve_one_port_and_drain(
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, limit=50)
         ) as session:
-
-            async def call(text: str) -> Any:
-                async with session.post(url + "/embed", json={"inputs": text}) as resp:
-                    assert resp.status == 200
-                    return await resp.json()
-
-            bodies = await asyncio.gather(*(call(t) for t in texts))
-        for text, body in zip(texts, bodies, strict=True):
-            assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
+            await embed_each_and_check(session, url, texts)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         log = "".join(log_lines) + (await proc.stdout.read()).decode()
