@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ProxyFactory
 from tests.tei_double import TeiDouble, expected_vector
@@ -91,18 +92,66 @@ async def test_health_follows_upstream(start_proxy: ProxyFactory, tei_double: Te
     assert await resp.json() == {"error": "unhealthy", "error_type": "Unhealthy"}
 
 
-async def test_metrics_expose_batching(start_proxy: ProxyFactory) -> None:
-    client = await start_proxy()
-    await asyncio.gather(*(client.post("/embed", json={"inputs": f"t{i}"}) for i in range(20)))
-    resp = await client.get("/metrics")
-    assert resp.status == 200
-    text = await resp.text()
-    assert 'proxy_requests_total{route="/embed",status="200"} 20.0' in text
-    assert "proxy_batch_size_bucket" in text
-    assert 'proxy_upstream_calls_total{model="default",outcome="200"}' in text
-    assert "proxy_queue_depth" in text
-    assert "proxy_request_duration_seconds_bucket" in text
-    assert "proxy_upstream_duration_seconds_bucket" in text
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text page, keyed by name and label set."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(
+    page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return page[(name, frozenset(labels.items()))]
+
+
+async def test_metrics_expose_batching(start_proxy: ProxyFactory, tei_double: TeiDouble) -> None:
+    # A slow upstream and one call in flight at a time, so requests pile up in the queue and
+    # leave in batches: the metrics must show both.
+    tei_double.config.delay_base_s = 0.1
+    client = await start_proxy(max_concurrent_batches=1, eager_batches=1)
+    before = samples(await (await client.get("/metrics")).text())
+    assert value(before, "proxy_queue_depth", model="default") == 0
+    loop = asyncio.get_running_loop()
+
+    async def scrape_until(name: str, predicate: Any) -> dict[Any, float]:
+        deadline = loop.time() + 5
+        while True:
+            page = samples(await (await client.get("/metrics")).text())
+            if predicate(value(page, name, model="default")):
+                return page
+            assert loop.time() < deadline, f"{name} never changed"
+            await asyncio.sleep(0.005)
+
+    def post(i: int) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(client.post("/embed", json={"inputs": f"t{i}"}))
+
+    # One request goes upstream at once; the 19 sent while it is there wait in the queue.
+    requests = [post(0)]
+    await scrape_until("proxy_upstream_in_flight", lambda v: v == 1)
+    requests += [post(i) for i in range(1, 20)]
+    during = await scrape_until("proxy_queue_depth", lambda v: v > 0)
+    assert value(during, "proxy_upstream_in_flight", model="default") == 1
+    responses = await asyncio.gather(*requests)
+    assert [r.status for r in responses] == [200] * 20
+
+    page = samples(await (await client.get("/metrics")).text())
+    calls = len(tei_double.calls)
+    assert 1 < calls < 20  # batched, and in more than one call
+    assert value(page, "proxy_requests_total", route="/embed", status="200") == 20
+    assert value(page, "proxy_request_duration_seconds_count", route="/embed") == 20
+    # The batch-size histogram saw every item once, in as many batches as upstream calls.
+    assert value(page, "proxy_batch_size_sum", model="default") == 20
+    assert value(page, "proxy_batch_size_count", model="default") == calls
+    assert value(page, "proxy_batch_size_bucket", model="default", le="1.0") < calls
+    assert value(page, "proxy_upstream_calls_total", model="default", outcome="200") == calls
+    assert value(page, "proxy_upstream_duration_seconds_count", model="default") == calls
+    # Each call took the double's 0.1 s delay.
+    assert value(page, "proxy_upstream_duration_seconds_sum", model="default") >= 0.1 * calls
+    assert value(page, "proxy_queue_depth", model="default") == 0
+    assert value(page, "proxy_upstream_in_flight", model="default") == 0
 
 
 @pytest.mark.parametrize(
