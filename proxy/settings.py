@@ -13,9 +13,27 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proxy.batcher import DispatchPolicy
+
+# Secrets we ship as examples (deploy/k8s/secret.yaml): the proxy refuses to start with any
+# of them (compared case-insensitively), so an example is never a live key.
+PLACEHOLDER_SECRETS: tuple[str, ...] = (
+    "CHANGE-ME-placeholder-api-key",
+    "CHANGE-ME-placeholder-admin-token",
+)
+_PLACEHOLDERS = frozenset(p.lower() for p in PLACEHOLDER_SECRETS)
+# API_KEY and ADMIN_TOKEN: long enough that guessing is hopeless (openssl rand -hex 32 gives 64).
+MIN_SECRET_LENGTH = 16
+
+
+def _refuse_empty(secret: str) -> None:
+    if not secret.strip():
+        raise PydanticCustomError(
+            "empty_secret", "is set but empty: unset it, or give it a real secret"
+        )
 
 
 class Settings(BaseSettings):
@@ -170,12 +188,46 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="When set, data routes need `Authorization: Bearer <key>` (as TEI's "
-        "--api-key); /health, /ping and /metrics stay public.",
+        "--api-key); /health, /ping, /metrics and /docs stay public. At least 16 characters; "
+        "an empty or example value stops start-up.",
     )
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token for operator routes (POST /shutdown). Unset: they are off.",
+        description="Bearer token for operator routes (POST /shutdown). Unset: they are off. "
+        "At least 16 characters; an empty or example value stops start-up.",
     )
+
+    @field_validator("api_key", "admin_token")
+    @classmethod
+    def _check_own_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # A set secret switches a route on (or guards every route), so one that anybody can
+        # guess or read in our examples would open the door instead of closing it.
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        _refuse_empty(secret)
+        if secret.strip().lower() in _PLACEHOLDERS:
+            raise PydanticCustomError(
+                "placeholder_secret",
+                "is a placeholder from this project's examples, which anyone can read: set "
+                "a real secret, e.g. openssl rand -hex 32",
+            )
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise PydanticCustomError(
+                "short_secret",
+                "is {length} characters, fewer than {minimum}: use e.g. openssl rand -hex 32",
+                {"length": len(secret), "minimum": MIN_SECRET_LENGTH},
+            )
+        return value
+
+    @field_validator("upstream_api_key")
+    @classmethod
+    def _check_upstream_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The upstream's key is not ours to judge for strength, but an empty one is a
+        # mistake (e.g. an unset variable in a template) that would send `Bearer ` upstream.
+        if value is not None:
+            _refuse_empty(value.get_secret_value())
+        return value
 
     # -- async jobs and batch-with-ids ------------------------------------------------------
     job_store: str = Field(

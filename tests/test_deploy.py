@@ -263,6 +263,19 @@ def test_secret_values_are_marked_placeholders() -> None:
     assert "PLACEHOLDER" in (K8S / "secret.yaml").read_text("utf-8")
 
 
+def test_shipped_secret_values_stop_the_proxy() -> None:
+    """Applied as shipped, the Secret must not give a working (and public) token: the proxy
+    refuses every value in it, so nobody runs with a key that anyone can read here."""
+    from pydantic import ValidationError
+
+    secret = one("Secret", "embedding-proxy-secrets")["stringData"]
+    for key, value in secret.items():
+        with pytest.raises(ValidationError, match=key.lower()):
+            Settings(_env_file=None, **{key.lower(): value})  # type: ignore[call-arg]
+    text = (K8S / "secret.yaml").read_text("utf-8")
+    assert "kubectl create secret generic embedding-proxy-secrets" in text
+
+
 # -- shutdown timing -------------------------------------------------------------------------
 
 

@@ -61,13 +61,16 @@ async def test_sigterm_under_load_answers_every_accepted_request(
         await stop(proc)
 
 
+TOKEN = "operator-token-for-tests"  # the settings refuse secrets under 16 characters
+
+
 async def test_admin_shutdown_route_drains_and_exits(
     aiohttp_server: Any, unused_tcp_port: int
 ) -> None:
     _, upstream = await start_double(aiohttp_server, delay_base_s=0.05)
     url = f"http://127.0.0.1:{unused_tcp_port}"
     proc = await start_proxy_process(
-        "--upstream-url", upstream, "--port", str(unused_tcp_port), ADMIN_TOKEN="tok"
+        "--upstream-url", upstream, "--port", str(unused_tcp_port), ADMIN_TOKEN=TOKEN
     )
     try:
         await wait_healthy(url, proc)
@@ -75,7 +78,7 @@ async def test_admin_shutdown_route_drains_and_exits(
             pending = asyncio.ensure_future(session.post(url + "/embed", json={"inputs": "a"}))
             await asyncio.sleep(0.01)
             async with session.post(
-                url + "/shutdown", headers={"Authorization": "Bearer tok"}
+                url + "/shutdown", headers={"Authorization": f"Bearer {TOKEN}"}
             ) as resp:
                 assert resp.status == 202
             answer = await pending
