@@ -13,7 +13,7 @@ from aiohttp.typedefs import Middleware
 from proxy import errors
 from proxy.errors import ApiError, ErrorType
 from proxy.http import add_routes
-from proxy.http.common import bearer_matches, error_response
+from proxy.http.common import bearer_matches, error_response, error_response_for
 from proxy.http.keys import DRAINING, JOBS, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
 from proxy.jobs.factory import build_job_store
@@ -23,6 +23,8 @@ from proxy.settings import Settings
 from proxy.upstream.base import EmbedOptions, Upstream
 
 log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "proxy is shutting down"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,6 +68,12 @@ PUBLIC_ROUTES = frozenset({
 })  # fmt: skip
 
 
+def _needs_key(request: web.Request) -> bool:
+    # aiohttp answers HEAD on every GET route: HEAD is as public as GET, no more.
+    method = "GET" if request.method == "HEAD" else request.method
+    return (method, request.path) not in PUBLIC_ROUTES
+
+
 def _front_middleware(metrics: Metrics, api_key: str | None) -> Middleware:
     """Metrics, access control, draining and error rendering in one middleware: every held
     request keeps one coroutine frame per middleware alive, so one frame instead of four saves
@@ -76,28 +84,33 @@ def _front_middleware(metrics: Metrics, api_key: str | None) -> Middleware:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         started = time.perf_counter()
+        draining = request.app[DRAINING]
         response: web.StreamResponse
         try:
-            if (
-                api_key is not None
-                and (request.method, request.path) not in PUBLIC_ROUTES
-                and request.method != "HEAD"
-                and not bearer_matches(request, api_key)
-            ):
+            if api_key is not None and _needs_key(request) and not bearer_matches(request, api_key):
                 response = web.Response(status=401)  # TEI: 401 with an empty body
-            elif request.method == "POST" and request.app[DRAINING].is_set():
+            elif request.method == "POST" and draining.is_set():
                 # Stopping: new work gets a clear 503; the listener stays open for /health.
-                response = error_response(errors.unavailable("proxy is shutting down"))
+                response = error_response_for(request, errors.unavailable(SHUTTING_DOWN))
             else:
                 response = await handler(request)
         except ApiError as exc:
-            response = error_response(exc)
+            response = error_response_for(request, exc)
         except web.HTTPException as exc:
             metrics.requests.labels(route, str(exc.status)).inc()
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the caller left, or the server is cutting handlers: nobody to answer
+            # Not us but a batch we waited on was cancelled: the service closed at the end
+            # of a drain that ran out of SHUTDOWN_TIMEOUT. The caller still gets an answer.
+            response = error_response_for(request, errors.unavailable(SHUTTING_DOWN))
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = error_response(ApiError(500, "internal error", ErrorType.BACKEND))
+        if draining.is_set():
+            response.force_close()  # clients reconnect, and find a serving replica
         metrics.requests.labels(route, str(response.status)).inc()
         metrics.request_duration.labels(route).observe(time.perf_counter() - started)
         return response
@@ -105,12 +118,60 @@ def _front_middleware(metrics: Metrics, api_key: str | None) -> Middleware:
     return middleware
 
 
-async def drain(app: web.Application) -> None:
-    """Refuse new work, then finish what was accepted: jobs in hand first (they need the
-    batcher), then everything queued in the batcher and in flight upstream."""
-    app[DRAINING].set()
+class _Lifecycle:
+    """Whether the app's one drain ran and its resources were closed, so neither happens
+    twice, whoever asks (the server on a stop request, or the app's own cleanup)."""
+
+    def __init__(self) -> None:
+        self.drain: asyncio.Task[None] | None = None
+        self.closed = False
+
+
+_LIFECYCLE = web.AppKey("lifecycle", _Lifecycle)
+
+
+async def _finish_accepted_work(app: web.Application) -> None:
+    # Jobs in hand first (they need the batcher), then everything queued in the batcher and
+    # in flight upstream.
     await app[JOBS].drain()
     await app[SERVICE].drain()
+
+
+async def drain(app: web.Application, timeout_s: float) -> bool:
+    """Refuse new work, then finish what was accepted, for at most ``timeout_s``.
+
+    The drain runs once per app: a later call only waits for the first one's outcome.
+    True when everything accepted was finished; False at the deadline (what is left is
+    failed by :func:`close`).
+    """
+    app[DRAINING].set()
+    state = app[_LIFECYCLE]
+    if state.drain is None:
+        state.drain = asyncio.ensure_future(_finish_accepted_work(app))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(state.drain)
+        except TimeoutError:
+            state.drain.cancel()
+            await asyncio.gather(state.drain, return_exceptions=True)
+            return False
+    elif not state.drain.done():
+        await asyncio.gather(state.drain, return_exceptions=True)
+    return not state.drain.cancelled() and state.drain.exception() is None
+
+
+async def close(app: web.Application) -> None:
+    """Close the job store and the service, once. Whatever is still queued or in flight fails
+    with 503, so every waiting handler gets an error to write."""
+    state = app[_LIFECYCLE]
+    if state.closed:
+        return
+    state.closed = True
+    app[DRAINING].set()
+    try:
+        await app[JOBS].close()
+    finally:
+        await app[SERVICE].close()
 
 
 def create_app(
@@ -128,6 +189,7 @@ def create_app(
     app[METRICS] = metrics
     app[SHUTDOWN] = asyncio.Event()
     app[DRAINING] = asyncio.Event()
+    app[_LIFECYCLE] = _Lifecycle()
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -159,10 +221,10 @@ def create_app(
             await service.start()
             await jobs.start(run_job)
             yield
-            await drain(app)
+            # serve() drained already; an app run some other way (tests) drains here, once.
+            await drain(app, settings.shutdown_timeout)
         finally:
-            await jobs.close()
-            await service.close()
+            await close(app)
 
     app.cleanup_ctx.append(lifecycle)
     return app

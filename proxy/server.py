@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from proxy.app import create_app, drain
+from proxy.app import close, create_app, drain
 from proxy.http.keys import SHUTDOWN
 from proxy.settings import Settings
 
@@ -44,14 +44,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     # The drain gets most of SHUTDOWN_TIMEOUT; the rest lets handlers write their answers
-    # once the runner stops, so the whole shutdown stays within the setting.
+    # once the runner stops, so the whole shutdown stays within the setting. The runner waits
+    # up to twice its shutdown_timeout (for handlers, then for their cancellation).
     finish_s = min(2.0, settings.shutdown_timeout * 0.2)
     drain_s = settings.shutdown_timeout - finish_s
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a caller that disconnects is dropped from the queue
         access_log=None,
-        shutdown_timeout=finish_s,
+        shutdown_timeout=finish_s / 2,
     )
     # Start-up may wait a long time for TEI to load its model; a stop request must still work.
     setup = asyncio.ensure_future(runner.setup())
@@ -84,10 +85,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
     started = time.monotonic()
     log.info("draining: finishing accepted work (up to %.1fs)", settings.shutdown_timeout)
-    try:
-        async with asyncio.timeout(drain_s):
-            await drain(app)
-    except TimeoutError:
-        log.warning("SHUTDOWN_TIMEOUT reached with work still queued or in flight")
+    # Exactly one drain, bounded; the app's own cleanup later finds it done.
+    if not await drain(app, drain_s):
+        log.warning("SHUTDOWN_TIMEOUT reached: answering what is left with 503")
+    # Closing the service fails whatever is still queued or in flight, so every waiting
+    # handler has an answer to write while its connection is still open; only then does the
+    # runner close the connections.
+    await close(app)
     await runner.cleanup()
     log.info("stopped after draining for %.2fs", time.monotonic() - started)

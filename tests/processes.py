@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +23,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def proxy_env(**extra: str) -> dict[str, str]:
     """The test's environment without any proxy settings a developer may have exported."""
-    prefixes = ("UPSTREAM_", "MAX_", "API_KEY", "ADMIN_TOKEN", "REQUEST_", "SHUTDOWN_")
+    prefixes = (
+        "UPSTREAM_", "MAX_", "API_KEY", "ADMIN_TOKEN", "REQUEST_", "SHUTDOWN_", "WORKER",
+        "MODEL_SERVER_", "KEEPALIVE_", "HEADER_", "BODY_", "ACCESS_LOG",
+    )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra)
     return env
 
 
 async def start_proxy_process(*args: str, **env: str) -> asyncio.subprocess.Process:
+    # Its own session, so stop() can kill the workers a supervisor started too.
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "--host", "127.0.0.1", *args,
         cwd=ROOT, env=proxy_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )  # fmt: skip
 
 
@@ -51,9 +59,48 @@ async def wait_healthy(url: str, proc: asyncio.subprocess.Process, limit_s: floa
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
+    """Kill the process and everything it started (workers), whatever state it is in."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     if proc.returncode is None:
-        proc.kill()
         await proc.wait()
+
+
+class LogLines:
+    """The lines a proxy process printed so far, read on demand from its stdout pipe."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self.lines: list[str] = []
+
+    async def wait_for(self, predicate: Callable[[list[str]], bool], limit_s: float = 30) -> None:
+        """Read lines until ``predicate(lines)`` holds; fail after ``limit_s``."""
+        async with asyncio.timeout(limit_s):
+            while not predicate(self.lines):
+                line = await self._stdout.readline()
+                if not line:
+                    raise AssertionError("process closed its output:\n" + self.text)
+                self.lines.append(line.decode())
+
+    async def count(self, needle: str, n: int, limit_s: float = 30) -> None:
+        await self.wait_for(lambda lines: sum(needle in line for line in lines) >= n, limit_s)
+
+    async def read_rest(self) -> None:
+        self.lines.extend((await self._stdout.read()).decode().splitlines(keepends=True))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def worker_pids(self) -> dict[int, int]:
+        """The newest pid the supervisor reported for each worker index."""
+        return {
+            int(m[1]): int(m[2])
+            for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", self.text)
+        }
 
 
 async def start_double(aiohttp_server: Any, **config: Any) -> tuple[TeiDouble, str]:

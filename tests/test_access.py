@@ -53,8 +53,8 @@ async def test_shutdown_route_is_off_without_a_token(start_proxy: ProxyFactory) 
 async def test_head_needs_the_key_wherever_get_does(start_proxy: ProxyFactory) -> None:
     # aiohttp answers HEAD on every GET route: without the key, HEAD /predict/{id} must not
     # tell a job's state (or existence) by its status code.
-    client = await start_proxy(api_key="s3cret")
-    auth = {"Authorization": "Bearer s3cret"}
+    client = await start_proxy(api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
     for path in ("/predict/some-prediction-id", "/info"):
         assert (await client.head(path)).status == 401, path
         assert (await client.head(path, headers={"Authorization": "Bearer no"})).status == 401

@@ -26,8 +26,23 @@ def json_response(
     )
 
 
+# The OpenAI door answers errors in OpenAI's body; every other route in TEI's.
+OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
+
+
 def error_response(exc: ApiError) -> web.Response:
     return json_response(exc.tei_body(), status=exc.status, headers=exc.headers or None)
+
+
+def openai_error_response(exc: ApiError) -> web.Response:
+    return json_response(exc.openai_body(), status=exc.status, headers=exc.headers or None)
+
+
+def error_response_for(request: web.Request, exc: ApiError) -> web.Response:
+    """``exc`` in the body the route's clients expect (for errors raised outside a handler)."""
+    if request.path in OPENAI_PATHS:
+        return openai_error_response(exc)
+    return error_response(exc)
 
 
 def deadline_for(request: web.Request) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import ApiError
-from proxy.http.common import deadline_for, json_response
+from proxy.http.common import OPENAI_PATHS, deadline_for, json_response, openai_error_response
 from proxy.http.keys import SERVICE
 from proxy.http.parsing import parse_inputs, read_json, type_name, unprocessable
 from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
@@ -72,7 +72,7 @@ async def openai_embeddings(request: web.Request) -> web.Response:
         service = request.app[SERVICE]
         vectors = await service.embed(inputs, options, deadline=deadline_for(request))
     except ApiError as exc:
-        return json_response(exc.openai_body(), status=exc.status, headers=exc.headers or None)
+        return openai_error_response(exc)
     data = [
         {
             "object": "embedding",
@@ -93,5 +93,5 @@ async def openai_embeddings(request: web.Request) -> web.Response:
 
 
 def add_openai_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/embeddings", openai_embeddings)
-    app.router.add_post("/embeddings", openai_embeddings)
+    for path in OPENAI_PATHS:  # one list, so errors raised before the handler match it
+        app.router.add_post(path, openai_embeddings)
