@@ -14,6 +14,7 @@ from proxy import errors
 from proxy.errors import ApiError, ErrorType
 from proxy.http import add_routes
 from proxy.http.common import bearer_matches, error_response, error_response_for
+from proxy.http.docs import PUBLIC_DOCS_ROUTES
 from proxy.http.keys import DRAINING, JOBS, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
 from proxy.jobs.factory import build_job_store
@@ -61,11 +62,12 @@ def build_upstream(settings: Settings) -> Upstream:
     )
 
 
-# Routes TEI leaves open when --api-key is set, plus the proxy's own docs.
+# Routes TEI leaves open when --api-key is set, plus the proxy's own docs (the /docs page
+# and each of its static files).
 PUBLIC_ROUTES = frozenset({
     ("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics"),
-    ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/shutdown"),
-})  # fmt: skip
+    ("GET", "/openapi.json"), ("POST", "/shutdown"),
+}) | PUBLIC_DOCS_ROUTES  # fmt: skip
 
 
 def _needs_key(request: web.Request) -> bool:

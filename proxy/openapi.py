@@ -287,13 +287,3 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
     return spec
-
-
-SWAGGER_UI_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Embedding batch proxy API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head><body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
-</body></html>
-"""

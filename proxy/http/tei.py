@@ -10,9 +10,10 @@ from aiohttp import web
 
 from proxy.errors import ApiError, ErrorType
 from proxy.http.common import bearer_matches, deadline_for, error_response, json_response
+from proxy.http.docs import add_docs_routes
 from proxy.http.keys import DRAINING, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.parsing import parse_embed_request, read_json
-from proxy.openapi import SWAGGER_UI_HTML, build_openapi
+from proxy.openapi import build_openapi
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -65,10 +66,6 @@ async def openapi_spec(request: web.Request) -> web.Response:
     return json_response(build_openapi(request.app[SETTINGS]))
 
 
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(text=SWAGGER_UI_HTML, content_type="text/html")
-
-
 def add_tei_routes(app: web.Application) -> None:
     app.router.add_post("/embed", embed)
     # TEI routes POST / and /invocations (SageMaker) to /embed for an embedding model.
@@ -80,6 +77,6 @@ def add_tei_routes(app: web.Application) -> None:
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_spec)
-    app.router.add_get("/docs", docs)
+    add_docs_routes(app)  # /docs and its static files (proxy/http/docs.py)
     if app[SETTINGS].admin_token is not None:
         app.router.add_post("/shutdown", shutdown)
