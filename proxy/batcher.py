@@ -25,6 +25,19 @@ aged) batches keeps batches large while still using the upstream's admission cap
 In both, at most ``max_concurrent_batches`` calls run at once: it is a hard bound that protects
 the upstream. Items that arrive in the same event-loop turn are merged, because dispatch runs
 on the next turn (``call_soon``) rather than inside ``submit``.
+
+A caller may leave at any time (cancel its future, e.g. on a timeout): a queued item whose
+future is done is never sent and is counted out of the queue exactly once, whether the
+batcher notices it at dispatch or through the future's done-callback, which may run later in
+the same turn. An item whose ``deadline`` has passed by the time it is taken fails with
+:class:`DeadlineExceededError` instead of going upstream.
+
+Shutdown has two steps. ``drain()`` stops taking items and sends everything queued at once,
+then waits for every call to finish. ``aclose()`` stops for good: no batch starts once it has
+begun, queued items fail with :class:`BatcherClosedError`, and calls in flight are cancelled
+(their callers get :class:`BatcherClosedError` too). A drain bounded by a timeout is therefore
+``asyncio.timeout(...)`` around ``drain()``, then ``aclose()``; a ``drain()`` still waiting
+when ``aclose()`` begins returns at once.
 """
 
 from __future__ import annotations
@@ -45,6 +58,9 @@ R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
+# After an unexpected error in dispatch, try again this much later: soon, but never a busy loop.
+_RETRY_AFTER_S = 0.01
+
 
 class DispatchPolicy(StrEnum):
     ADAPTIVE = "adaptive"
@@ -56,7 +72,8 @@ class QueueFullError(Exception):
 
 
 class BatcherClosedError(Exception):
-    """The batcher is draining or closed and takes no new items."""
+    """The batcher is draining or closed and takes no new items; also what ``aclose()`` gives
+    the callers whose items it still held, queued or in flight."""
 
 
 class DeadlineExceededError(Exception):
@@ -82,7 +99,9 @@ class _Entry(Generic[T, R]):
     cost: float
     enqueued_at: float
     deadline: float | None
-    live: bool = True  # False once the caller went away while queued
+    # True while counted in its queue's accounting: False once taken for a batch, expired,
+    # or dropped because its caller left. Flipped in _unqueue only, so it counts out once.
+    live: bool = True
 
 
 @dataclass(slots=True)
@@ -111,8 +130,10 @@ class BatcherConfig:
 @dataclass(slots=True)
 class _KeyQueue(Generic[T, R]):
     entries: deque[_Entry[T, R]] = field(default_factory=deque)
-    cost: float = 0.0  # of live entries
-    count: int = 0  # live entries
+    # Of live entries. A live entry's future may already be done (its caller left this turn
+    # and the done-callback has not run yet): dispatch checks before trusting these.
+    cost: float = 0.0
+    count: int = 0
 
 
 class Batcher(Generic[T, R]):
@@ -134,7 +155,9 @@ class Batcher(Generic[T, R]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._dispatch_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
+        self._closing = False  # drain() or aclose() began: no new items
+        self._closed = False  # aclose() began: no new batches either
+        # Set when nothing is queued or in flight, or once closed: what drain() waits for.
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -150,7 +173,13 @@ class Batcher(Generic[T, R]):
 
     @property
     def closing(self) -> bool:
+        """True once draining or closed: new items are refused."""
         return self._closing
+
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose()`` began: no batch starts any more."""
+        return self._closed
 
     def submit_nowait(
         self,
@@ -166,7 +195,7 @@ class Batcher(Generic[T, R]):
         once draining has begun. ``deadline`` is on this batcher's clock (``time.monotonic``).
         """
         if self._closing:
-            raise BatcherClosedError("batcher is draining")
+            raise BatcherClosedError("batcher is closed" if self._closed else "batcher is draining")
         limit = self.config.max_queue_size
         if limit is not None and self._queued >= limit:
             raise QueueFullError(f"queue holds {self._queued} items")
@@ -196,7 +225,11 @@ class Batcher(Generic[T, R]):
         return await self.submit_nowait(item, key=key, cost=cost, deadline=deadline)
 
     async def drain(self) -> None:
-        """Stop taking items, dispatch everything queued and wait for every call to finish."""
+        """Stop taking items, dispatch everything queued and wait for every call to finish.
+
+        Returns at once if ``aclose()`` begins meanwhile: nothing would run any more. To bound
+        it, wrap it in ``asyncio.timeout`` and call ``aclose()`` afterwards.
+        """
         self._closing = True
         self._schedule_dispatch()
         await self._idle.wait()
@@ -214,21 +247,74 @@ class Batcher(Generic[T, R]):
                 raise ValueError("max_batch_cost must be positive")
             self.config.max_batch_cost = max_batch_cost
 
-    # -- dispatch -----------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop for good: no batch starts once this has begun. Queued items fail with
+        :class:`BatcherClosedError`; calls in flight are cancelled and their callers get
+        :class:`BatcherClosedError`. Returns once those calls have ended. Safe to call while
+        ``drain()`` waits (it then returns) and more than once."""
+        self._closing = True
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Fail the queue first, so that no batch finishing meanwhile finds anything to send.
+        for queue in self._queues.values():
+            while queue.entries:
+                entry = queue.entries.popleft()
+                if self._unqueue(entry, queue) and not entry.future.done():
+                    entry.future.set_exception(BatcherClosedError("batcher closed"))
+        self._queues.clear()
+        self._idle.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def _unqueue(self, entry: _Entry[T, R], queue: _KeyQueue[T, R]) -> bool:
+        """Count ``entry`` out of the queue; True only the first time (the one place that
+        does it, so no path can count an entry out twice)."""
+        if not entry.live:
+            return False
+        entry.live = False
+        self._queued -= 1
+        queue.count -= 1
+        queue.cost -= entry.cost
+        if queue.count == 0:
+            queue.cost = 0.0  # no float drift left behind by fractional costs
+        return True
+
+    def _waiting(self, entry: _Entry[T, R], queue: _KeyQueue[T, R]) -> bool:
+        """Whether ``entry`` still waits for a batch. A done future means its caller left;
+        its done-callback may not have run yet, so count it out here (once) and skip it."""
+        if not entry.live:
+            return False
+        if entry.future.done():
+            self._unqueue(entry, queue)
+            self._dropped("cancelled")
+            return False
+        return True
 
     def _on_caller_gone(
         self, entry: _Entry[T, R], queue: _KeyQueue[T, R], _future: asyncio.Future[R]
     ) -> None:
-        # Runs when the future completes for any reason; only a cancellation while still
-        # queued means the caller left (a timeout or a disconnect upstream of us).
-        if entry.live and entry.future.cancelled():
-            entry.live = False
-            self._queued -= 1
-            queue.cost -= entry.cost
-            queue.count -= 1
-            if self._observer is not None:
-                self._observer.item_dropped("cancelled")
+        # Runs when the future completes for any reason. If the entry is still counted as
+        # queued, its caller left (a timeout or a disconnect upstream of us) before dispatch
+        # noticed; if dispatch took, expired or dropped it first, this does nothing.
+        if self._unqueue(entry, queue):
+            self._dropped("cancelled")
             self._schedule_dispatch()
+
+    def _dropped(self, reason: str) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.item_dropped(reason)
+            except Exception:  # a broken metric must never strand callers
+                log.exception("batch observer failed")
+
+    # -- dispatch -----------------------------------------------------------------------
 
     def _schedule_dispatch(self) -> None:
         if not self._dispatch_scheduled:
@@ -241,20 +327,36 @@ class Batcher(Generic[T, R]):
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
-        cfg = self.config
         now = self._clock()
         next_wake: float | None = None
-        while self._in_flight < cfg.max_concurrent_batches:
+        try:
+            if not self._closed:
+                next_wake = self._launch_ready(now)
+        except Exception:
+            # A bug or a broken hook, not the callers' doing. Whatever was taken off a queue
+            # has been answered; what is still queued must not wait without a timer.
+            log.exception("batcher dispatch failed; retrying in %gs", _RETRY_AFTER_S)
+            next_wake = now + _RETRY_AFTER_S if self._queued else None
+        finally:
+            self._cleanup_empty_queues()
+            self._arm_timer(next_wake, now)
+            self._update_idle()
+
+    def _launch_ready(self, now: float) -> float | None:
+        """Launch every batch that may go now; return when the next one may (None: when a
+        call ends or an item arrives)."""
+        while self._in_flight < self.config.max_concurrent_batches:
             ready, key, ready_at = self._next_ready_key(now)
             if not ready:
-                next_wake = ready_at
-                break
+                return ready_at
             batch = self._take_batch(self._queues[key], now)
             if batch:
-                self._launch(batch, now)
-        self._cleanup_empty_queues()
-        self._arm_timer(next_wake, now)
-        self._update_idle()
+                try:
+                    self._launch(batch, now)
+                except Exception as exc:
+                    self._fail(batch, exc)  # taken off the queue: answer, never strand
+                    raise
+        return None
 
     def _next_ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
         """The key whose batch may go now (oldest head first), or when the next one may."""
@@ -270,13 +372,7 @@ class Batcher(Generic[T, R]):
             if head is None:
                 continue
             age = now - head.enqueued_at
-            ready = (
-                eager
-                or self._closing
-                or age >= cfg.max_wait_s
-                or queue.count >= cfg.max_batch_size
-                or queue.cost >= cfg.max_batch_cost
-            )
+            ready = eager or self._closing or age >= cfg.max_wait_s or self._is_full(queue)
             if ready:
                 if age > best_age:
                     best_key, best_age, found = key, age, True
@@ -287,82 +383,119 @@ class Batcher(Generic[T, R]):
             return True, best_key, None
         return False, None, earliest
 
-    @staticmethod
-    def _live_head(queue: _KeyQueue[T, R]) -> _Entry[T, R] | None:
+    def _live_head(self, queue: _KeyQueue[T, R]) -> _Entry[T, R] | None:
         entries = queue.entries
-        while entries and not entries[0].live:
+        while entries and not self._waiting(entries[0], queue):
             entries.popleft()
         return entries[0] if entries else None
+
+    def _is_full(self, queue: _KeyQueue[T, R]) -> bool:
+        """Whether a full batch (by count or cost) waits. The counters may still include
+        callers who left this turn, so confirm against the entries, counting those out."""
+        cfg = self.config
+        if queue.count < cfg.max_batch_size and queue.cost < cfg.max_batch_cost:
+            return False
+        count = 0
+        cost = 0.0
+        for entry in queue.entries:  # reads only the prefix that makes one batch
+            if not self._waiting(entry, queue):
+                continue
+            count += 1
+            cost += entry.cost
+            if count >= cfg.max_batch_size or cost >= cfg.max_batch_cost:
+                return True
+        return False
 
     def _take_batch(self, queue: _KeyQueue[T, R], now: float) -> list[_Entry[T, R]]:
         cfg = self.config
         batch: list[_Entry[T, R]] = []
         cost = 0.0
         entries = queue.entries
-        while entries and len(batch) < cfg.max_batch_size:
-            entry = entries[0]
-            if not entry.live:
+        try:
+            while entries and len(batch) < cfg.max_batch_size:
+                entry = entries[0]
+                if not self._waiting(entry, queue):
+                    entries.popleft()
+                    continue
+                if batch and cost + entry.cost > cfg.max_batch_cost:
+                    break
                 entries.popleft()
-                continue
-            if batch and cost + entry.cost > cfg.max_batch_cost:
-                break
-            entries.popleft()
-            entry.live = False
-            self._queued -= 1
-            queue.cost -= entry.cost
-            queue.count -= 1
-            if entry.deadline is not None and now >= entry.deadline:
-                # Never spend upstream work on a caller whose time is already up.
-                entry.future.set_exception(DeadlineExceededError("deadline passed while queued"))
-                if self._observer is not None:
-                    self._observer.item_dropped("deadline")
-                continue
-            batch.append(entry)
-            cost += entry.cost
+                self._unqueue(entry, queue)
+                if entry.deadline is not None and now >= entry.deadline:
+                    # Never spend upstream work on a caller whose time is already up.
+                    entry.future.set_exception(
+                        DeadlineExceededError("deadline passed while queued")
+                    )
+                    self._dropped("deadline")
+                    continue
+                batch.append(entry)
+                cost += entry.cost
+        except Exception as exc:
+            self._fail(batch, exc)  # already off the queue: answer, never strand
+            raise
         return batch
 
     def _launch(self, batch: list[_Entry[T, R]], now: float) -> None:
-        self._in_flight += 1
-        if self._observer is not None:
-            cost = sum(e.cost for e in batch)
-            self._observer.batch_dispatched(len(batch), cost, now - batch[0].enqueued_at)
         task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._in_flight += 1
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # A done-callback rather than a ``finally`` in _run: it also runs for a task that is
+        # cancelled before its first step, whose body (and any finally) never runs at all.
+        task.add_done_callback(functools.partial(self._on_batch_done, batch))
+        if self._observer is not None:
+            try:
+                cost = sum(e.cost for e in batch)
+                self._observer.batch_dispatched(len(batch), cost, now - batch[0].enqueued_at)
+            except Exception:  # a broken metric must never strand callers
+                log.exception("batch observer failed")
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:
-            try:
-                results = await self._process([e.item for e in batch])
-            except Exception as exc:  # the whole call failed: every caller gets the error
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-                return
-            if len(results) != len(batch):
-                # Never zip a wrong-length answer onto callers: someone would get another's.
-                err = BatchResultMismatchError(
+            results = await self._process([e.item for e in batch])
+        except Exception as exc:  # the whole call failed: every caller gets the error
+            self._fail(batch, exc)
+            return
+        if len(results) != len(batch):
+            # Never zip a wrong-length answer onto callers: someone would get another's.
+            self._fail(
+                batch,
+                BatchResultMismatchError(
                     f"process returned {len(results)} results for {len(batch)} items"
-                )
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(err)
-                return
-            for entry, result in zip(batch, results, strict=True):
-                if entry.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    entry.future.set_exception(result)
-                else:
-                    entry.future.set_result(result)
-        except asyncio.CancelledError:
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.cancel()
-            raise
-        finally:
-            self._in_flight -= 1
-            self._schedule_dispatch()
+                ),
+            )
+            return
+        for entry, result in zip(batch, results, strict=True):
+            if entry.future.done():
+                continue
+            if isinstance(result, BaseException):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(result)
+
+    def _on_batch_done(self, batch: list[_Entry[T, R]], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        error: BaseException | None = None
+        if not task.cancelled():
+            error = task.exception()  # _run answers everyone itself; this would be a bug
+            if error is not None:
+                log.error("batch task failed", exc_info=error)
+        for entry in batch:
+            if entry.future.done():
+                continue
+            if self._closed:
+                entry.future.set_exception(BatcherClosedError("batcher closed"))
+            elif error is not None:
+                entry.future.set_exception(error)
+            else:  # cancelled from outside (e.g. the loop shutting down)
+                entry.future.cancel()
+        self._schedule_dispatch()
+
+    @staticmethod
+    def _fail(batch: list[_Entry[T, R]], exc: BaseException) -> None:
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(exc)
 
     def _cleanup_empty_queues(self) -> None:
         if len(self._queues) > 1:
@@ -373,29 +506,12 @@ class Batcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if wake_at is not None:
+        if wake_at is not None and not self._closed:
             delay = max(0.0, wake_at - now)
             self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _update_idle(self) -> None:
-        if self._queued == 0 and self._in_flight == 0:
+        if self._closed or (self._queued == 0 and self._in_flight == 0):
             self._idle.set()
         else:
             self._idle.clear()
-
-    async def aclose(self) -> None:
-        """Cancel whatever is still running; callers of cancelled batches see cancellation."""
-        self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for queue in self._queues.values():
-            for entry in queue.entries:
-                if entry.live and not entry.future.done():
-                    entry.future.set_exception(BatcherClosedError("batcher closed"))
-            queue.entries.clear()
-        self._queued = 0
-        self._idle.set()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -269,3 +273,250 @@ async def test_extra_slots_carry_only_full_or_aged_batches() -> None:
     assert rec.batches[2] == ["late"]  # aged past max_wait: goes on the last free slot
     rec.gate.set()
     await asyncio.gather(first, late, *small, *full)
+
+
+# -- races, robustness and shutdown (issue 10) ------------------------------------------
+
+
+class FakeClock:
+    """The batcher's injectable clock. ``on_read`` runs once, at the next read: a way to act
+    at the exact moment a dispatch starts, with no sleeps."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.on_read: Callable[[], None] | None = None
+
+    def __call__(self) -> float:
+        hook, self.on_read = self.on_read, None
+        if hook is not None:
+            hook()
+        return self.now
+
+
+class DropLog:
+    """An observer that records drops; ``fail`` makes every hook raise (a broken metric)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.dropped: list[str] = []
+        self.fail = fail
+
+    def batch_dispatched(self, size: int, cost: float, oldest_wait_s: float) -> None:
+        if self.fail:
+            raise RuntimeError("observer broke")
+
+    def item_dropped(self, reason: str) -> None:
+        self.dropped.append(reason)
+        if self.fail:
+            raise RuntimeError("observer broke")
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What the loop would report: errors in callbacks, exceptions never retrieved."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        yield seen
+    finally:
+        gc.collect()  # "never retrieved" is reported when a future is collected
+        loop.set_exception_handler(previous)
+
+
+def assert_empty(batcher: Batcher[Any, Any]) -> None:
+    assert batcher.queue_depth == 0
+    assert batcher.in_flight == 0
+    assert all(not q.entries and q.count == 0 for q in batcher._queues.values())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop turn until ``condition`` holds; a hang fails instead of blocking."""
+    async with asyncio.timeout(2):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0)  # polled: the conditions are batcher state, not events
+
+
+@pytest.mark.parametrize("policy", list(DispatchPolicy))
+async def test_a_cancel_racing_a_freed_slot_past_its_deadline_strands_nothing(
+    policy: DispatchPolicy,
+) -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    batches: list[list[str]] = []
+    victim: list[asyncio.Future[str]] = []
+
+    async def process(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        if items == ["blocker"]:
+            await gate.wait()
+            clock.now = 10.0  # the victim's deadline has passed; every wait has aged
+            # The victim's caller times out in the very turn in which this slot frees: its
+            # future is done when the dispatch starts, before the batcher's done-callback
+            # for it can run.
+            clock.on_read = victim[0].cancel
+        return [f"r:{i}" for i in items]
+
+    drops = DropLog()
+    cfg = BatcherConfig(max_concurrent_batches=1, max_wait_s=0.5, policy=policy)
+    batcher: Batcher[str, str] = Batcher(process, cfg, observer=drops, clock=clock)
+    with loop_errors() as errors:
+        blocker = batcher.submit_nowait("blocker")
+        clock.now = 1.0  # aged past max_wait: goes on the next turn under either policy
+        await until(lambda: bool(batches))
+        a = batcher.submit_nowait("a")
+        victim.append(batcher.submit_nowait("victim", deadline=5.0))
+        b = batcher.submit_nowait("b")
+        c = batcher.submit_nowait("c", key="other")
+        gate.set()
+        await asyncio.wait([blocker, a, b, c], timeout=2)
+    assert not errors, errors
+    assert victim[0].cancelled()
+    assert [f.result() for f in (blocker, a, b, c)] == ["r:blocker", "r:a", "r:b", "r:c"]
+    assert batches == [["blocker"], ["a", "b"], ["c"]]
+    assert drops.dropped == ["cancelled"]  # accounted once, not again by its done-callback
+    await until(lambda: batcher.in_flight == 0)
+    assert_empty(batcher)
+
+
+async def test_a_caller_who_left_this_turn_never_makes_a_batch_look_full() -> None:
+    clock = FakeClock()
+    rec = Recorder()
+    cfg = BatcherConfig(max_batch_size=3, max_wait_s=10.0, policy=DispatchPolicy.TIMER)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, clock=clock)
+    a = batcher.submit_nowait("a")
+    gone = batcher.submit_nowait("gone")
+    b = batcher.submit_nowait("b")
+    gone.cancel()  # same turn: the dispatch runs before the batcher hears of it
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert rec.batches == []  # two waiting callers: not full, and young by the clock
+    assert batcher.queue_depth == 2
+    c = batcher.submit_nowait("c")
+    async with asyncio.timeout(2):
+        assert await asyncio.gather(a, b, c) == ["result:a", "result:b", "result:c"]
+    assert rec.batches == [["a", "b", "c"]]
+    await batcher.aclose()
+
+
+async def test_a_broken_observer_never_strands_a_batch() -> None:
+    clock = FakeClock()
+    rec = Recorder()
+    batcher: Batcher[str, str] = Batcher(
+        rec, BatcherConfig(max_concurrent_batches=1), observer=DropLog(fail=True), clock=clock
+    )
+    with loop_errors() as errors:
+        futs = [
+            batcher.submit_nowait("a"),
+            batcher.submit_nowait("late", deadline=0.0),  # expired: reported as a drop
+            batcher.submit_nowait("b"),
+        ]
+        done, _ = await asyncio.wait(futs, timeout=2)
+    assert len(done) == 3
+    assert [futs[0].result(), futs[2].result()] == ["result:a", "result:b"]
+    assert isinstance(futs[1].exception(), DeadlineExceededError)
+    assert rec.batches == [["a", "b"]]
+    assert not errors, errors
+    await until(lambda: batcher.in_flight == 0)
+    assert_empty(batcher)
+
+
+async def test_a_failure_while_launching_answers_that_batch_and_dispatch_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    batcher: Batcher[str, str] = Batcher(rec, BatcherConfig(max_concurrent_batches=2))
+    launch = batcher._launch
+    calls = 0
+
+    def launch_once_broken(batch: Any, now: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("launch failed")
+        launch(batch, now)
+
+    monkeypatch.setattr(batcher, "_launch", launch_once_broken)
+    with loop_errors() as errors, caplog.at_level(logging.ERROR, logger="proxy.batcher"):
+        xs = [batcher.submit_nowait(f"x{i}", key="x") for i in range(2)]
+        y = batcher.submit_nowait("y", key="y")
+        done, _ = await asyncio.wait([*xs, y], timeout=2)
+    assert len(done) == 3, "a popped batch was stranded"
+    assert all(str(f.exception()) == "launch failed" for f in xs)
+    assert y.result() == "result:y"
+    assert rec.batches == [["y"]]
+    assert not errors, errors  # logged by the batcher, not escaped into the loop
+    assert "launch failed" in caplog.text
+    await until(lambda: batcher.in_flight == 0)
+    assert_empty(batcher)
+
+
+async def test_aclose_launches_nothing_new_and_fails_what_is_queued() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[str, str] = Batcher(rec, BatcherConfig(max_concurrent_batches=1))
+    running = batcher.submit_nowait("running")
+    await until(lambda: bool(rec.batches))
+    queued = [batcher.submit_nowait(f"q{i}") for i in range(3)]
+    async with asyncio.timeout(2):
+        await batcher.aclose()
+    for _ in range(5):  # a dispatch that the cancelled batch scheduled would run now
+        await asyncio.sleep(0)
+    assert rec.batches == [["running"]]  # nothing started once aclose began
+    assert all(isinstance(f.exception(), BatcherClosedError) for f in queued)
+    assert isinstance(running.exception(), BatcherClosedError)
+    assert batcher.closed and batcher.closing
+    assert_empty(batcher)
+    assert not batcher._tasks
+    with pytest.raises(BatcherClosedError):
+        batcher.submit_nowait("late")
+
+
+async def test_aclose_answers_a_batch_cancelled_before_it_started() -> None:
+    rec = Recorder()
+    batcher: Batcher[str, str] = Batcher(rec, BatcherConfig(max_batch_size=2))
+    futs = [batcher.submit_nowait(f"{i}") for i in range(3)]
+    await until(lambda: batcher.in_flight > 0)  # launched, their tasks not yet stepped
+    async with asyncio.timeout(2):
+        await batcher.aclose()
+    assert all(isinstance(f.exception(), BatcherClosedError) for f in futs)
+    assert rec.batches == []
+    assert_empty(batcher)
+
+
+async def test_drain_returns_once_aclose_begins_even_if_a_batch_is_slow_to_stop() -> None:
+    gate = asyncio.Event()
+    release = asyncio.Event()
+    batches: list[list[str]] = []
+
+    async def process(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # an upstream call that takes a while to abort
+            raise
+        return items
+
+    cfg = BatcherConfig(max_batch_size=2, max_concurrent_batches=1)
+    batcher: Batcher[str, str] = Batcher(process, cfg)
+    futs = [batcher.submit_nowait(f"{i}") for i in range(5)]
+    await until(lambda: bool(batches))
+    drainer = asyncio.ensure_future(batcher.drain())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not drainer.done()  # draining: waiting for the call in flight
+    closer = asyncio.ensure_future(batcher.aclose())
+    async with asyncio.timeout(2):
+        await drainer  # nothing will run any more: drain has nothing left to wait for
+    assert not closer.done()
+    release.set()
+    async with asyncio.timeout(2):
+        await closer
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batches == [["0", "1"]]
+    assert all(isinstance(f.exception(), BatcherClosedError) for f in futs)
+    assert_empty(batcher)
