@@ -82,6 +82,8 @@ class TeiDoubleConfig:
     delay_base_s: float = 0.0
     delay_per_item_s: float = 0.0
     serial: bool = False  # serve one /embed call at a time (a naive upstream)
+    # TEI sends `x-compute-type: gpu+optimized` on every success, whatever the hardware.
+    compute_type: str = "gpu+optimized"
 
 
 @dataclass
@@ -101,6 +103,7 @@ class TeiDouble:
         self._in_flight_calls = 0
         self._serial_lock = asyncio.Lock()
         self.healthy = True
+        self.refused_calls = 0  # calls refused for a missing or wrong key (never in `calls`)
 
     # -- what tests look at ---------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class TeiDouble:
         key = self.config.api_key
         public = request.method == "GET" and request.path in ("/health", "/", "/ping")
         if key and not public and request.headers.get("Authorization") != f"Bearer {key}":
+            self.refused_calls += 1
             return web.Response(status=401)  # TEI answers 401 with an empty body
         response: web.StreamResponse = await handler(request)
         return response
@@ -355,7 +359,7 @@ class TeiDouble:
             vectors = [[*v, 0.0] for v in vectors]
         if openai:
             return self._openai_body(vectors, body)
-        return web.json_response(vectors)
+        return web.json_response(vectors, headers={"x-compute-type": c.compute_type})
 
     def _openai_body(self, vectors: list[list[float]], body: dict[str, Any]) -> web.Response:
         import base64
