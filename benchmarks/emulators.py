@@ -5,10 +5,11 @@ Kinds (``python -m benchmarks.emulators KIND --port N``):
 * ``tei``: models TEI's own scheduling. Every input item of every request joins one queue; a
   batching task cuts internal batches by a token budget (and optionally an item count), one
   batch runs while the next one is already cut ("prefetched"), and a batch of ``n`` items
-  costs ``a + b*n`` seconds. Requests past ``max_concurrent_requests`` queued items get TEI's
-  429, client batches past ``max_client_batch_size`` get TEI's 422.
+  and ``t`` tokens costs ``a + b*n + c*t`` milliseconds (``c``, ``--token-ms``, is 0 unless
+  set). Requests past ``max_concurrent_requests`` queued items get TEI's 429, client batches
+  past ``max_client_batch_size`` get TEI's 422.
 * ``naive``: no batching across requests; one ``/embed`` call at a time (FIFO), each costing
-  ``a + b*n``. Stands in for a plain model server that runs whatever it is sent.
+  ``a + b*n + c*t``. Stands in for a plain model server that runs whatever it is sent.
 * ``instant``: answers every call at once. As the proxy's upstream it measures the proxy's
   own overhead; hit directly it is the "bare aiohttp server" the proxy is compared with.
 * ``stall``: accepts ``/embed`` and never answers (until ``--stall-s``), so work piles up in
@@ -47,6 +48,7 @@ class EmulatorConfig:
     kind: Kind = "tei"
     a_ms: float = 20.0  # fixed cost of one (internal) batch
     b_ms: float = 0.2  # cost per item in it
+    token_ms: float = 0.0  # cost per token in it (tokens = whitespace words + 2)
     max_batch_tokens: int = 16_384
     max_batch_requests: int | None = None  # TEI's --max-batch-requests (items per batch)
     max_client_batch_size: int = 32
@@ -56,8 +58,8 @@ class EmulatorConfig:
     stall_s: float = 3600.0
     upstream_url: str | None = None  # passthrough only
 
-    def cost_s(self, n: int) -> float:
-        return (self.a_ms + self.b_ms * n) / 1000.0
+    def cost_s(self, n: int, tokens: int = 0) -> float:
+        return (self.a_ms + self.b_ms * n + self.token_ms * tokens) / 1000.0
 
 
 @dataclass(slots=True)
@@ -207,7 +209,8 @@ class Emulator:
                 async with self._serial:
                     st.batches += 1
                     st.batch_items[n] += 1
-                    await asyncio.sleep(c.cost_s(n))
+                    tokens = sum(map(_tokens, items)) if c.token_ms else 0
+                    await asyncio.sleep(c.cost_s(n, tokens))
             elif c.kind == "stall":
                 await asyncio.sleep(c.stall_s)
         finally:
@@ -238,14 +241,11 @@ class Emulator:
     async def _tei_call(self, items: list[Any]) -> None:
         call = _Call(len(items), asyncio.get_running_loop().create_future())
         for item in items:
-            # Whitespace words plus [CLS] and [SEP]: close enough to word-piece counts for
-            # the English benchmark texts.
-            tokens = (len(item.split()) if isinstance(item, str) else len(item)) + 2
-            self._queue.append((call, tokens))
+            self._queue.append((call, _tokens(item)))
         self._queued.set()
         await call.done
 
-    def _cut_batch(self) -> list[_Call]:
+    def _cut_batch(self) -> tuple[list[_Call], int]:
         c = self.config
         batch: list[_Call] = []
         tokens = 0
@@ -261,7 +261,7 @@ class Emulator:
             tokens += t
         if not self._queue:
             self._queued.clear()
-        return batch
+        return batch, tokens
 
     async def _tei_scheduler(self) -> None:
         # TEI cuts the next batch as soon as the previous one starts running, so one batch
@@ -269,20 +269,26 @@ class Emulator:
         running: asyncio.Task[None] | None = None
         while True:
             await self._queued.wait()
-            batch = self._cut_batch()
+            batch, tokens = self._cut_batch()
             if running is not None:
                 await running
-            running = asyncio.create_task(self._run_batch(batch))
+            running = asyncio.create_task(self._run_batch(batch, tokens))
 
-    async def _run_batch(self, batch: list[_Call]) -> None:
+    async def _run_batch(self, batch: list[_Call], tokens: int) -> None:
         st = self.stats
         st.batches += 1
         st.batch_items[len(batch)] += 1
-        await asyncio.sleep(self.config.cost_s(len(batch)))
+        await asyncio.sleep(self.config.cost_s(len(batch), tokens))
         for call in batch:
             call.remaining -= 1
             if call.remaining == 0 and not call.done.done():
                 call.done.set_result(None)
+
+
+def _tokens(item: Any) -> int:
+    # Whitespace words plus [CLS] and [SEP]: close enough to word-piece counts for the
+    # English benchmark texts. A list of token ids counts as its length.
+    return (len(item.split()) if isinstance(item, str) else len(item)) + 2
 
 
 @functools.lru_cache(maxsize=2048)
@@ -316,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EmulatorConfig, str, int]
     d = EmulatorConfig()
     p.add_argument("--a-ms", type=float, default=d.a_ms, help="fixed cost per batch (ms)")
     p.add_argument("--b-ms", type=float, default=d.b_ms, help="cost per item (ms)")
+    p.add_argument("--token-ms", type=float, default=d.token_ms, help="cost per token (ms)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-requests", type=int, default=None)
     p.add_argument("--max-client-batch-size", type=int, default=d.max_client_batch_size)
@@ -332,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EmulatorConfig, str, int]
         kind=a.kind,
         a_ms=a.a_ms,
         b_ms=a.b_ms,
+        token_ms=a.token_ms,
         max_batch_tokens=a.max_batch_tokens,
         max_batch_requests=a.max_batch_requests,
         max_client_batch_size=a.max_client_batch_size,

@@ -33,6 +33,14 @@ class Profile:
     ceiling_batches: tuple[int, ...]
     ceiling_reference_batches: tuple[int, ...]  # informative only: not part of target (a)
     long_texts: bool  # also run the embedded scenario with long texts
+    serial_levels: tuple[int, ...] = (1, 8, 64, 256)
+    serial_extra_timer: bool = True  # also a timer batcher with 2 batches in flight
+    tei_tuned_row: bool = True  # tei: also the proxy with --max-concurrent-batches 16
+    mixed_levels: tuple[int, ...] = (64, 256)
+    # step: (clients, seconds) phases, the latency bucket and the /metrics sampling period
+    step_phases: tuple[tuple[int, float], ...] = ((8, 5.0), (256, 10.0), (8, 5.0))
+    step_bucket_s: float = 0.25
+    step_sample_s: float = 0.2
     memory_requests: int = 10_000
 
     @classmethod
@@ -42,12 +50,18 @@ class Profile:
                 quick=True,
                 warmup_s=0.5,
                 duration_s=2.0,
-                tei_levels=(1, 64, 1024),
+                # All five: the tei targets are per level (8, 64, 256, 1024) and at 1 client.
+                tei_levels=(1, 8, 64, 256, 1024),
                 naive_levels=(1, 64),
                 capacity_levels=(64,),
                 ceiling_batches=(32,),
                 ceiling_reference_batches=(),
                 long_texts=False,
+                serial_levels=(8, 64, 256),
+                serial_extra_timer=False,
+                tei_tuned_row=False,
+                mixed_levels=(64,),
+                step_phases=((8, 2.5), (256, 4.0), (8, 3.0)),
             )
         return cls(
             quick=False,
@@ -164,6 +178,36 @@ async def measure(
     row = row_from(result, **extra)
     ctx.log(f"  {label:<22} {_short(row)}")
     return row
+
+
+def proxy_settings(server: procs.Server) -> dict[str, Any] | None:
+    """The ``proxy`` object of the proxy's ``/info`` (its effective settings), or None if this
+    proxy version does not report one."""
+    try:
+        with urllib.request.urlopen(server.url + "/info", timeout=5.0) as resp:
+            body = orjson.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    settings = body.get("proxy") if isinstance(body, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def describe_proxy(server: procs.Server) -> str:
+    """One line for a scenario's setup: the proxy's batching settings as it reports them."""
+    s = proxy_settings(server)
+    if s is None:
+        return "defaults, no flags (this proxy reports no settings in /info)"
+    keys = (
+        "dispatch",
+        "max_batch_size",
+        "effective_batch_size",
+        "max_concurrent_batches",
+        "effective_concurrent_batches",
+        "eager_batches",
+        "max_wait_time_ms",
+    )
+    shown = ", ".join(f"{k} {s[k]}" for k in keys if k in s)
+    return f"defaults, no flags; as /info reports them: {shown}"
 
 
 def _short(row: dict[str, Any]) -> str:

@@ -11,7 +11,13 @@
 Both stop at ``duration_s`` (after ``warmup_s`` that is not counted) or at ``max_requests``,
 whichever comes first, and every request has a timeout, so a run always ends.
 
-Library: ``await run_load(LoadSpec(...))``. CLI: ``python -m benchmarks.loadgen --help``.
+* Steps (``run_steps``): a closed loop whose number of clients changes over time, phase by
+  phase (e.g. 8 clients for 5 s, 256 for 10 s, 8 for 5 s). Every request is recorded with its
+  send and answer times, for latency over time. Bounded by the phases' total length, the
+  request cap and each request's timeout.
+
+Library: ``await run_load(LoadSpec(...))``, ``await run_steps(StepSpec(...))``. CLI:
+``python -m benchmarks.loadgen --help``.
 """
 
 from __future__ import annotations
@@ -291,6 +297,91 @@ def summarise(
         send_lag_ms={"p99": lag["p99"], "max": lag["max"]},
         sent_total=len(rec.start),
         client_cpu_s=cpu_s,
+    )
+
+
+@dataclass(slots=True)
+class StepSpec:
+    url: str
+    phases: Sequence[tuple[int, float]]  # (clients, seconds), in order
+    timeout_s: float = 30.0  # per request
+    max_requests: int = 200_000  # hard cap on requests sent
+    text: TextKind = "short"
+    path: str = "/embed"
+    bodies: Sequence[bytes] | None = None  # default: embed_bodies(text)
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise ValueError("give at least one phase")
+        if any(c < 1 or d <= 0 for c, d in self.phases):
+            raise ValueError("every phase needs at least one client and a positive length")
+        if self.timeout_s <= 0 or self.max_requests < 1:
+            raise ValueError("timeout and max_requests must be positive")
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Every request of a stepped run; times are seconds since the first phase began."""
+
+    t0: float  # time.perf_counter() when the first phase began
+    boundaries: list[float]  # phase start times, then the end of the last phase
+    clients: list[int]  # clients in each phase
+    start: list[float]
+    end: list[float]
+    status: list[int]  # HTTP status, or a negative failure code (see _FAILURE_NAMES)
+    capped: bool  # stopped at max_requests
+    client_cpu_s: float
+
+
+async def run_steps(spec: StepSpec) -> StepResult:
+    """Closed loop with a number of clients that changes phase by phase.
+
+    One worker per client at the peak; worker ``w`` sends (closed loop) while the current
+    phase has more than ``w`` clients and sleeps until the next phase otherwise. A worker that
+    goes idle at a step down first finishes the request it has in flight."""
+    bodies = spec.bodies or embed_bodies(spec.text)
+    clients = [c for c, _ in spec.phases]
+    bounds = [0.0]
+    for _, seconds in spec.phases:
+        bounds.append(bounds[-1] + seconds)
+    url = spec.url.rstrip("/") + spec.path
+    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
+    counter = itertools.count()
+    rec = _Recorder()
+    capped = False
+    cpu0 = _cpu_seconds()
+
+    async with _session(max(clients)) as session:
+        t0 = time.perf_counter()
+
+        async def worker(w: int) -> None:
+            nonlocal capped
+            while True:
+                now = time.perf_counter() - t0
+                if now >= bounds[-1]:
+                    return
+                phase = next(i for i in range(len(clients)) if now < bounds[i + 1])
+                if w >= clients[phase]:
+                    await asyncio.sleep(max(0.0, bounds[phase + 1] - now))
+                    continue
+                i = next(counter)
+                if i >= spec.max_requests:
+                    capped = True
+                    return
+                start = time.perf_counter()
+                status = await _send(session, url, bodies[i % len(bodies)], timeout)
+                rec.add(start - t0, time.perf_counter() - t0, status)
+
+        await asyncio.gather(*(worker(w) for w in range(max(clients))))
+    return StepResult(
+        t0=t0,
+        boundaries=bounds,
+        clients=clients,
+        start=list(rec.start),
+        end=list(rec.end),
+        status=list(rec.status),
+        capped=capped,
+        client_cpu_s=_cpu_seconds() - cpu0,
     )
 
 

@@ -209,6 +209,21 @@ def proxy(log_dir: Path, upstream_url: str | None, *flags: str) -> Server:
     return python_server("proxy", [*args, *flags], log_dir)
 
 
+def timer_batcher(
+    log_dir: Path,
+    upstream_url: str,
+    *,
+    max_wait_ms: float,
+    max_batch_size: int,
+    concurrency: int,
+) -> Server:
+    """The async-batcher baseline (``benchmarks/timer_batcher.py``) in front of ``upstream_url``."""
+    args = ["-m", "benchmarks.timer_batcher", "--host", LOOPBACK, "--port", "{port}"]
+    args += ["--upstream-url", upstream_url, "--max-wait-ms", f"{max_wait_ms:g}"]
+    args += ["--max-batch-size", str(max_batch_size), "--concurrency", str(concurrency)]
+    return python_server("timer-batcher", args, log_dir)
+
+
 @contextlib.contextmanager
 def running(*servers: Server, ready_timeout_s: float = 90.0) -> Iterator[tuple[Server, ...]]:
     """Start the servers in order; stop them all (in reverse) however the block exits."""

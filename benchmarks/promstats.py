@@ -27,6 +27,10 @@ class Snapshot:
                 total += v
         return total
 
+    def has(self, name: str) -> bool:
+        """Whether any sample is called ``name`` (a metric this proxy version exports)."""
+        return any(n == name for n, _ in self.samples)
+
 
 def parse(text: str) -> Snapshot:
     snap = Snapshot()

@@ -16,6 +16,9 @@ SCENARIO_TITLES = {
     "capacity": "(e) Proxy capacity: instant upstream vs bare aiohttp",
     "memory": "(f) Memory: requests held behind a stalled upstream",
     "overload": "(g) Overload: open loop at 3x measured capacity",
+    "serial": "(h) Serial upstream: proxy vs an async-batcher timer batcher vs direct",
+    "mixed": "(i) Mixed texts (80 % short, 20 % long): direct vs proxied, TEI emulator",
+    "step": "(j) Step change: 8 -> 256 -> 8 clients through the proxy, over time",
 }
 
 
@@ -42,6 +45,7 @@ def _cpu(row: dict[str, Any]) -> str:
         "other": "oth",
         "model": "model",
         "emulator-passthrough": "hop",
+        "timer-batcher": "tb",
     }
     parts = []
     for key, value in cpu.items():
@@ -62,15 +66,18 @@ def _batch(row: dict[str, Any]) -> str:
 
 
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:
+    grouped = any(r.get("group") for r in rows)
     out = [
-        "| run | clients | text | req/s (ok) | p50 ms | p90 ms | p99 ms | max ms | errors "
+        ("| model " if grouped else "")
+        + "| run | clients | text | req/s (ok) | p50 ms | p90 ms | p99 ms | max ms | errors "
         "| mean batch | upstream mean batch | CPU cores |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        ("|---" if grouped else "") + "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         up = r.get("upstream") or {}
         out.append(
-            f"| {r['label']} | {_f(r.get('concurrency'))} | {r.get('text', '-')} "
+            (f"| {r.get('group', '-')} " if grouped else "")
+            + f"| {r['label']} | {_f(r.get('concurrency'))} | {r.get('text', '-')} "
             f"| {_f(r['throughput_rps'])} | {_f(r.get('p50_ms'), 2)} | {_f(r.get('p90_ms'), 2)} "
             f"| {_f(r.get('p99_ms'), 2)} | {_f(r.get('max_ms'), 2)} | {_errors(r)} "
             f"| {_batch(r)} | {_f(up.get('mean_internal_batch'))} | {_cpu(r)} |"
@@ -79,21 +86,57 @@ def _load_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _ratio_table(rows: list[dict[str, Any]], base: str) -> list[str]:
-    """Each proxied row next to the direct row at the same concurrency."""
-    direct = {r["concurrency"]: r for r in rows if r["label"] == base}
+    """Each proxied row next to the direct row at the same concurrency (and cost model)."""
+    grouped = any(r.get("group") for r in rows)
+    direct = {(r.get("group"), r["concurrency"]): r for r in rows if r["label"] == base}
     out = [
-        "| clients | run | throughput vs direct | p50 vs direct | p99 vs direct |",
-        "|---:|---|---:|---:|---:|",
+        ("| model " if grouped else "")
+        + f"| clients | run | throughput vs {base} | p50 vs {base} | p99 vs {base} "
+        f"| p50 added, ms |",
+        ("|---" if grouped else "") + "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        d = direct.get(r["concurrency"])
+        d = direct.get((r.get("group"), r["concurrency"]))
         if r["label"] == base or d is None:
             continue
         out.append(
-            f"| {r['concurrency']} | {r['label']} "
+            (f"| {r.get('group', '-')} " if grouped else "")
+            + f"| {r['concurrency']} | {r['label']} "
             f"| {_f(_div(r['throughput_rps'], d['throughput_rps']), 2)}x "
             f"| {_f(_div(r['p50_ms'], d['p50_ms']), 2)}x "
-            f"| {_f(_div(r['p99_ms'], d['p99_ms']), 2)}x |"
+            f"| {_f(_div(r['p99_ms'], d['p99_ms']), 2)}x "
+            f"| {_f(r['p50_ms'] - d['p50_ms'], 2)} |"
+        )
+    return out
+
+
+def _tables_md(tables: list[dict[str, Any]]) -> list[str]:
+    """Summary tables a scenario computed itself: ``{"title", "columns", "rows"}``."""
+    out: list[str] = []
+    for t in tables:
+        cols = t["columns"]
+        out += [f"**{t['title']}**", ""]
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join("---:" for _ in cols) + "|")
+        for row in t["rows"]:
+            out.append("| " + " | ".join(_f(v, 2) for v in row) + " |")
+        out.append("")
+    return out
+
+
+def _step_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| phase | clients | from s | to s | req/s (ok) | p50 ms | p99 ms | steady p50 ms "
+        "| settle s | errors | in flight mean / max | limit mean / max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['label']} | {r['concurrency']} | {_f(r['from_s'])} | {_f(r['to_s'])} "
+            f"| {_f(r['throughput_rps'])} | {_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} "
+            f"| {_f(r['steady_p50_ms'], 2)} | {_f(r['settle_s'], 2)} | {r['errors']} "
+            f"| {_f(r['mean_in_flight'], 2)} / {_f(r['max_in_flight'], 0)} "
+            f"| {_f(r['mean_limit'], 2)} / {_f(r['max_limit'], 0)} |"
         )
     return out
 
@@ -138,9 +181,13 @@ def _scenario_md(name: str, res: dict[str, Any]) -> list[str]:
                 f"| {_f(r['max_ms'], 1)} | {_f((r.get('send_lag_ms') or {}).get('p99'), 1)} "
                 f"| {_f(r.get('peak_rss_mb'))} | {_cpu(r)} |"
             )
+    elif name == "step":
+        lines += _step_table(rows)
+        if res.get("cpu_cores"):
+            lines += ["", f"CPU cores over the whole run: {_cpu(res)}"]
     else:
         lines += _load_table(rows)
-        if name in ("tei", "naive"):
+        if name in ("tei", "naive", "serial"):
             lines += ["", *_ratio_table(rows, "direct")]
         if name == "capacity":
             lines += ["", *_ratio_table(rows, "bare aiohttp")]
@@ -150,10 +197,17 @@ def _scenario_md(name: str, res: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"| {r['label']} | {_f(r['p50_ms'], 2)} | {_f(r['added_p50_ms'], 2)} |"
                 )
+    if res.get("tables"):
+        lines += ["", *_tables_md(res["tables"])]
     for note in res.get("notes") or []:
         lines += ["", f"Note: {note}"]
     lines.append("")
     return lines
+
+
+def scenario_summary(name: str, res: dict[str, Any]) -> list[str]:
+    """One scenario's section and its targets, for the console after it ran."""
+    return [*_scenario_md(name, res), *targets_md({name: res}), ""]
 
 
 def targets_md(results: dict[str, Any]) -> list[str]:
@@ -200,7 +254,8 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         f"finished {doc['finished_at']}.",
         "",
         "CPU cores column: average cores used during the measured run by px = proxy, "
-        "up = upstream/emulator, hop = the aiohttp pass-through, lg = load generator, "
+        "up = upstream/emulator, hop = the aiohttp pass-through, tb = the timer batcher, "
+        "lg = load generator, "
         "oth = everything else on the machine "
         "(other tenants' work; high values mean the run competed for CPU).",
         "",
@@ -237,15 +292,16 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written: list[str] = []
-    for name in ("tei", "naive", "capacity"):
+    for name in ("tei", "naive", "serial", "capacity"):
         res = results.get(name)
-        if not res or "rows" not in res:
+        if not res or not res.get("rows"):
             continue
         fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for label in dict.fromkeys(r["label"] for r in res["rows"]):
+        for series in dict.fromkeys(_series(r) for r in res["rows"]):
             rows = sorted(
-                (r for r in res["rows"] if r["label"] == label), key=lambda r: r["concurrency"]
+                (r for r in res["rows"] if _series(r) == series), key=lambda r: r["concurrency"]
             )
+            label = series
             xs = [r["concurrency"] for r in rows]
             (line,) = ax_t.plot(xs, [r["throughput_rps"] for r in rows], "o-", label=label)
             color = line.get_color()
@@ -269,14 +325,92 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     batch_plot = _batch_plot(results, out, plt)
     if batch_plot:
         written.append(batch_plot)
+    step_plot = _step_plot(results.get("step"), out, plt)
+    if step_plot:
+        written.append(step_plot)
     return written
+
+
+def _series(row: dict[str, Any]) -> str:
+    group = row.get("group")
+    return f"{row['label']} [{group.split(':')[0]}]" if group else str(row["label"])
+
+
+def _step_plot(res: dict[str, Any] | None, out: Path, plt: Any) -> str | None:
+    """Clients, p50/p99 latency per bucket, and the proxy's limit and calls in flight."""
+    if not res or not res.get("timeline"):
+        return None
+    tl = res["timeline"]
+    samples = [s for s in res.get("samples") or [] if "error" not in s]
+    fig, (ax_c, ax_l, ax_g) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    ts = [b["t"] for b in tl]
+    width = ts[1] - ts[0] if len(ts) > 1 else 0.25
+    mid = [t + width / 2 for t in ts]  # a bucket's numbers belong to its middle
+    ax_c.step(
+        [*ts, ts[-1] + width],
+        [*(b["clients"] for b in tl), tl[-1]["clients"]],
+        where="post",
+        color="black",
+        label="clients",
+    )
+    ax_c.set_ylabel("clients (closed loop)")
+    ax_c2 = ax_c.twinx()
+    ax_c2.plot(mid, [b["ok_rps"] for b in tl], color="tab:green", alpha=0.7, label="ok req/s")
+    ax_c2.set_ylabel("answers / s (per bucket)")
+    ax_c.set_title(SCENARIO_TITLES["step"], fontsize=9)
+    ax_c.legend(loc="upper left", fontsize=8)
+    ax_c2.legend(loc="upper right", fontsize=8)
+    ax_l.plot(mid, [b["p50_ms"] for b in tl], "o-", ms=3, label="p50 (by send time)")
+    ax_l.plot(mid, [b["p99_ms"] for b in tl], "s--", ms=2, alpha=0.6, label="p99")
+    for r in res.get("rows") or []:
+        steady = r.get("steady_p50_ms")
+        if steady is None or math.isnan(steady):
+            continue
+        ax_l.fill_between(
+            [r["from_s"], r["to_s"]], steady * 0.8, steady * 1.2, color="tab:blue", alpha=0.1
+        )
+        settle = r.get("settle_s")
+        if settle is not None and not math.isnan(settle):
+            ax_l.axvline(r["from_s"] + settle, color="tab:red", ls=":", lw=1)
+    ax_l.set_yscale("log")
+    ax_l.set_ylabel("latency, ms")
+    ax_l.legend(fontsize=8, title="band: steady p50 +/-20 %; red: settled", title_fontsize=7)
+    st = [s["t"] for s in samples]
+    ax_g.step(st, [s.get("in_flight") for s in samples], where="post", label="upstream in flight")
+    if res.get("has_limit_gauge"):
+        ax_g.step(
+            st, [s.get("limit") for s in samples], where="post", label="proxy_concurrency_limit"
+        )
+        ax_g.set_title("the proxy's concurrency limit and upstream calls in flight", fontsize=9)
+    else:
+        ax_g.set_title(
+            "upstream calls in flight (proxy_concurrency_limit is not exported by this proxy: "
+            "no limit to plot)",
+            fontsize=9,
+            color="tab:red",
+        )
+    ax_g.set_ylabel("upstream calls")
+    ax_g2 = ax_g.twinx()
+    ax_g2.plot(st, [s.get("queue_depth") for s in samples], color="tab:gray", alpha=0.5)
+    ax_g2.set_ylabel("queued items (grey)")
+    ax_g.set_xlabel("seconds since the first phase began")
+    ax_g.legend(loc="upper left", fontsize=8)
+    for ax in (ax_c, ax_l, ax_g):
+        ax.grid(True, alpha=0.3)
+        for r in res.get("rows") or []:
+            ax.axvline(r["from_s"], color="black", lw=0.5, alpha=0.4)
+    fig.tight_layout()
+    file = "step.png"
+    fig.savefig(out / file, dpi=110)
+    plt.close(fig)
+    return file
 
 
 def _batch_plot(results: dict[str, Any], out: Path, plt: Any) -> str | None:
     panels = [
         (name, [r for r in res.get("rows", []) if (r.get("batch_sizes") or {}).get("batches")])
         for name, res in results.items()
-        if name in ("embedded", "tei", "naive", "capacity")
+        if name in ("embedded", "tei", "mixed", "naive", "serial", "capacity")
     ]
     panels = [(n, rows) for n, rows in panels if rows]
     if not panels:
@@ -294,9 +428,9 @@ def _batch_plot(results: dict[str, Any], out: Path, plt: Any) -> str | None:
         for r in rows:
             buckets = r["batch_sizes"]["buckets"]
             total = sum(buckets.values()) or 1
-            label = f"{r['label']}, c={r.get('concurrency')}"
-            if r.get("text") == "long":
-                label += " (long)"
+            label = f"{_series(r)}, c={r.get('concurrency')}"
+            if r.get("text") in ("long", "mixed"):
+                label += f" ({r['text']})"
             ax.plot(labels, [buckets[k] / total for k in labels], "o-", label=label)
         ax.set_title(f"{SCENARIO_TITLES.get(name, name)}: upstream batch sizes", fontsize=9)
         ax.set_xlabel("batch size bucket (upper bound, from proxy_batch_size)")

@@ -1,7 +1,7 @@
 """Run the benchmark suite (or some scenarios) and write results to ``benchmarks/results/``.
 
-python -m benchmarks.run                 # everything, about 10 minutes on 2 cores
-python -m benchmarks.run --quick         # everything, shorter and narrower (~2 minutes)
+python -m benchmarks.run                 # everything, about 12 minutes on 2 cores
+python -m benchmarks.run --quick         # everything, shorter and narrower (~4-5 minutes)
 python -m benchmarks.run --scenario naive --scenario tei
 """
 
@@ -37,6 +37,9 @@ async def run_all(names: list[str], ctx: Context) -> dict[str, Any]:
         finally:
             procs.stop_all()
         results[name]["elapsed_s"] = time.perf_counter() - started
+        # The scenario's tables and targets as results.md will show them.
+        for line in report.scenario_summary(name, results[name]):
+            ctx.log(line)
         ctx.log(f"   {name} took {results[name]['elapsed_s']:.0f} s")
     return results
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(SCENARIOS),
         help="run only this scenario (repeatable); default: all, in the order listed",
     )
-    p.add_argument("--quick", action="store_true", help="short runs, fewer levels (~2.5 min)")
+    p.add_argument("--quick", action="store_true", help="short runs, fewer levels (~4-5 min)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--no-calibration", action="store_true", help="skip the CPU calibration")
     p.add_argument(

@@ -8,20 +8,23 @@ a constant result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import psutil
 
 from benchmarks import procs, promstats
-from benchmarks.harness import Context, closed, measure
-from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks.harness import Context, closed, describe_proxy, measure, wait_idle
+from benchmarks.loadgen import LoadSpec, StepResult, StepSpec, percentiles, run_load, run_steps
 from benchmarks.procs import busy_seconds as _busy
 from benchmarks.texts import TextKind
 
@@ -171,76 +174,146 @@ async def embedded(ctx: Context) -> dict[str, Any]:
 # -- (b) TEI emulator, (c) naive upstream: direct vs proxied ------------------------------
 
 
+async def _side_by_side(
+    ctx: Context,
+    emu: procs.Server,
+    levels: tuple[int, ...],
+    runs: list[tuple[str, procs.Server, bool]],
+    text: TextKind = "short",
+) -> list[dict[str, Any]]:
+    """At each level: direct to ``emu``, then each ``(label, server, is_proxy)`` in turn."""
+    rows: list[dict[str, Any]] = []
+    for c in levels:
+        # Side by side at each level, so drift in the machine hits all alike.
+        spec = closed(ctx, emu.url, c, text)
+        rows.append(await measure(ctx, "direct", emu, spec, servers=[emu], emulator=emu))
+        for label, srv, is_proxy in runs:
+            spec = closed(ctx, srv.url, c, text)
+            rows.append(
+                await measure(
+                    ctx,
+                    label,
+                    srv,
+                    spec,
+                    servers=[srv, emu],
+                    proxy=srv if is_proxy else None,
+                    emulator=emu,
+                )
+            )
+    return rows
+
+
 async def _direct_vs_proxy(
     ctx: Context,
     kind: str,
     levels: tuple[int, ...],
     emulator_opts: dict[str, Any],
     proxies: list[tuple[str, tuple[str, ...]]],
+    text: TextKind = "short",
+    setup: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    """Direct vs each proxy configuration; ``setup`` (if given) gets each proxy's settings
+    as its ``/info`` reports them."""
     emu = procs.emulator(kind, ctx.log_dir, **emulator_opts)
-    rows: list[dict[str, Any]] = []
     with procs.running(emu):
         pxs = [(label, procs.proxy(ctx.log_dir, emu.url, *flags)) for label, flags in proxies]
         with procs.running(*(px for _, px in pxs)):
-            for c in levels:
-                # Side by side at each level, so drift in the machine hits both alike.
-                spec = closed(ctx, emu.url, c)
-                rows.append(await measure(ctx, "direct", emu, spec, servers=[emu], emulator=emu))
-                for label, px in pxs:
-                    spec = closed(ctx, px.url, c)
-                    rows.append(
-                        await measure(
-                            ctx, label, px, spec, servers=[px, emu], proxy=px, emulator=emu
-                        )
-                    )
-    return rows
+            if setup is not None:
+                for (label, flags), (_, px) in zip(proxies, pxs, strict=True):
+                    setup.setdefault(label, describe_proxy(px) if not flags else " ".join(flags))
+            runs = [(label, px, True) for label, px in pxs]
+            return await _side_by_side(ctx, emu, levels, runs, text)
 
 
-def _by(rows: list[dict[str, Any]], label: str) -> dict[int, dict[str, Any]]:
-    return {r["concurrency"]: r for r in rows if r["label"] == label}
+def _by(
+    rows: list[dict[str, Any]], label: str, group: str | None = None
+) -> dict[int, dict[str, Any]]:
+    return {
+        r["concurrency"]: r
+        for r in rows
+        if r["label"] == label and (group is None or r.get("group") == group)
+    }
+
+
+def _upstream_batch(row: dict[str, Any] | None) -> float:
+    """Mean items per upstream call (per model run for the naive emulator), as the emulator
+    counted them."""
+    if row is None:
+        return math.nan
+    return float((row.get("upstream") or {}).get("mean_internal_batch", math.nan))
+
+
+# (b): two cost models for the TEI emulator, a + b*n per internal batch.
+TEI_COST_MODELS: tuple[tuple[str, str, float, float], ...] = (
+    ("gpu", "GPU-like", 5.0, 0.05),
+    ("cpu", "CPU-like", 20.0, 1.0),
+)
+TEI_TARGET_LEVELS = (8, 64, 256, 1024)
 
 
 async def tei(ctx: Context) -> dict[str, Any]:
-    opts = {"a_ms": COST_A_MS, "b_ms": COST_B_MS, **TEI_LIMITS}
-    proxies = [("proxy", ()), ("proxy mcb=16", TEI_TUNED_FLAGS)]
-    rows = await _direct_vs_proxy(ctx, "tei", ctx.profile.tei_levels, opts, proxies)
-    direct = _by(rows, "direct")
-    targets = []
-    for label in ("proxy", "proxy mcb=16"):
-        px = _by(rows, label)
-        worst = min(_ratio(px[c]["throughput_rps"], direct[c]["throughput_rps"]) for c in px)
-        targets.append(
-            target(
-                f"b1 [{label}]",
-                f"TEI emulator: {label} / direct throughput, worst level",
-                worst,
-                1.0,
-            )
-        )
-        for c in (256, 1024):
-            if c in px:
+    p = ctx.profile
+    rows: list[dict[str, Any]] = []
+    targets: list[dict[str, Any]] = []
+    setup: dict[str, Any] = {}
+    for key, name, a, b in TEI_COST_MODELS:
+        group = f"{name}: a={a:g} ms, b={b:g} ms/item"
+        opts = {"a_ms": a, "b_ms": b, **TEI_LIMITS}
+        proxies: list[tuple[str, tuple[str, ...]]] = [("proxy", ())]
+        if p.tei_tuned_row and key == "gpu":
+            proxies.append(("proxy mcb=16", TEI_TUNED_FLAGS))
+        ctx.log(f"  -- {group}")
+        model_rows = await _direct_vs_proxy(ctx, "tei", p.tei_levels, opts, proxies, setup=setup)
+        for r in model_rows:
+            r["group"] = group
+        rows += model_rows
+        direct, px = _by(model_rows, "direct"), _by(model_rows, "proxy")
+        for c in TEI_TARGET_LEVELS:
+            if c in px and c in direct:
                 targets.append(
                     target(
-                        f"b2 [{label}] c={c}",
-                        f"TEI emulator: {label} p99 / direct p99 at {c} clients",
-                        _ratio(px[c]["p99_ms"], direct[c]["p99_ms"]),
+                        f"b1 {key} c={c}",
+                        f"TEI {name}: proxy / direct throughput at {c} clients",
+                        _ratio(px[c]["throughput_rps"], direct[c]["throughput_rps"]),
                         1.0,
+                    )
+                )
+        for c in TEI_TARGET_LEVELS:
+            if c in px and c in direct:
+                targets.append(
+                    target(
+                        f"b2 {key} c={c}",
+                        f"TEI {name}: proxy p99 / direct p99 at {c} clients",
+                        _ratio(px[c]["p99_ms"], direct[c]["p99_ms"]),
+                        1.1,
                         higher_is_better=False,
                     )
                 )
-    return {
-        "rows": rows,
-        "targets": targets,
-        "setup": {
-            "upstream": f"TEI emulator, a={COST_A_MS:g} ms, b={COST_B_MS:g} ms per item, "
-            f"{TEI_LIMITS}",
-            "proxy": "defaults (max-batch-size 32, max-concurrent-batches 2, adaptive)",
-            "proxy mcb=16": "max-concurrent-batches 16 (= 512 / 32, TEI's admission limit)",
-            "clients": "closed loop, short texts; a 429 is answered at once and the client "
-            "sends its next request straight away",
-        },
-    }
+        if 1 in px and 1 in direct:
+            targets.append(
+                target(
+                    f"b3 {key}",
+                    f"TEI {name}: p50 added by the proxy at 1 client, ms",
+                    px[1]["p50_ms"] - direct[1]["p50_ms"],
+                    1.0,
+                    higher_is_better=False,
+                )
+            )
+    setup["upstream"] = (
+        "TEI emulator, two cost models per internal batch of n items: "
+        + "; ".join(f"{name} a={a:g} ms + b={b:g} ms * n" for _, name, a, b in TEI_COST_MODELS)
+        + f"; {TEI_LIMITS}"
+    )
+    if "proxy mcb=16" in setup:
+        setup["proxy mcb=16"] = (
+            "--max-concurrent-batches 16 (= 512 / 32, TEI's admission limit); GPU-like model "
+            "only, informative: no target uses it"
+        )
+    setup["clients"] = (
+        "closed loop, short texts; a 429 is answered at once and the client sends its next "
+        "request straight away"
+    )
+    return {"rows": rows, "targets": targets, "setup": setup}
 
 
 async def naive(ctx: Context) -> dict[str, Any]:
@@ -510,12 +583,466 @@ async def overload(ctx: Context) -> dict[str, Any]:
     }
 
 
+# -- serial: proxy vs an off-the-shelf timer batcher on a serial upstream ----------------------
+
+NAIVE_OPTS: dict[str, Any] = {
+    "a_ms": COST_A_MS,
+    "b_ms": COST_B_MS,
+    "max_client_batch_size": 256,
+    "max_concurrent_requests": 100_000,
+}
+# The timer batcher (async-batcher) as the issue configures it.
+TIMER_WAIT_MS = 10.0
+TIMER_BATCH = 32
+SERIAL_TARGET_LEVELS = (8, 64, 256)
+
+
+def serial_limit_rps(batch: int = TIMER_BATCH) -> float:
+    """The naive upstream's physical limit: full batches back to back, ``batch`` items per
+    ``a + b*batch`` ms (32 per 26.4 ms = 1212 req/s)."""
+    return batch / ((COST_A_MS + COST_B_MS * batch) / 1000.0)
+
+
+async def serial(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile
+    emu = procs.emulator("naive", ctx.log_dir, **NAIVE_OPTS)
+    timers = [("timer batcher", 1)]
+    if p.serial_extra_timer:
+        timers.append(("timer batcher, 2 in flight", 2))
+    with procs.running(emu):
+        px = procs.proxy(ctx.log_dir, emu.url)
+        tbs = [
+            procs.timer_batcher(
+                ctx.log_dir,
+                emu.url,
+                max_wait_ms=TIMER_WAIT_MS,
+                max_batch_size=TIMER_BATCH,
+                concurrency=n,
+            )
+            for _, n in timers
+        ]
+        with procs.running(px, *tbs):
+            proxy_setup = describe_proxy(px)
+            runs = [("proxy", px, True)]
+            runs += [(label, tb, False) for (label, _), tb in zip(timers, tbs, strict=True)]
+            rows = await _side_by_side(ctx, emu, p.serial_levels, runs)
+    limit = serial_limit_rps()
+    direct, px_rows = _by(rows, "direct"), _by(rows, "proxy")
+    by_timer = {label: _by(rows, label) for label, _ in timers}
+    tb_rows = by_timer["timer batcher"]
+    targets = [
+        target(
+            f"s1 c={c}",
+            f"serial: proxy / timer batcher (async-batcher, {TIMER_WAIT_MS:g} ms, "
+            f"{TIMER_BATCH}) throughput at {c} clients",
+            _ratio(px_rows[c]["throughput_rps"], tb_rows[c]["throughput_rps"]),
+            1.1,
+        )
+        for c in SERIAL_TARGET_LEVELS
+        if c in px_rows and c in tb_rows
+    ]
+    if 64 in px_rows:
+        targets.append(
+            target(
+                "s2",
+                f"serial: proxy throughput at 64 clients / the upstream's physical limit "
+                f"({limit:.0f} req/s: {TIMER_BATCH} items per "
+                f"{COST_A_MS + COST_B_MS * TIMER_BATCH:g} ms)",
+                _ratio(px_rows[64]["throughput_rps"], limit),
+                0.85,
+            )
+        )
+    columns = ["clients", "direct req/s", "proxy req/s"]
+    columns += [f"{label} req/s" for label, _ in timers]
+    columns += ["proxy / timer", "proxy / direct", "proxy / physical limit"]
+    columns += ["upstream batch: direct", "proxy"] + [label for label, _ in timers]
+    table_rows: list[list[Any]] = []
+    for c in p.serial_levels:
+        d, x = direct.get(c), px_rows.get(c)
+        tps = [by_timer[label].get(c) for label, _ in timers]
+        table_rows.append(
+            [
+                c,
+                _rps(d),
+                _rps(x),
+                *(_rps(t) for t in tps),
+                _ratio(_rps(x), _rps(tps[0])),
+                _ratio(_rps(x), _rps(d)),
+                _ratio(_rps(x), limit),
+                _upstream_batch(d),
+                _upstream_batch(x),
+                *(_upstream_batch(t) for t in tps),
+            ]
+        )
+    return {
+        "rows": rows,
+        "targets": targets,
+        "tables": [
+            {
+                "title": "Proxy vs timer batcher (ratios are x; upstream batch = mean items per "
+                "upstream call, counted by the naive emulator)",
+                "columns": columns,
+                "rows": table_rows,
+            }
+        ],
+        "setup": {
+            "upstream": f"naive: one call at a time, a={COST_A_MS:g} ms + b={COST_B_MS:g} ms "
+            f"per item; physical limit {limit:.1f} req/s (full batches of {TIMER_BATCH} back "
+            "to back)",
+            "proxy": proxy_setup,
+            "timer batcher": f"benchmarks/timer_batcher.py: aiohttp + async-batcher "
+            f"(AsyncBatcher max_queue_time {TIMER_WAIT_MS:g} ms, max_batch_size {TIMER_BATCH}, "
+            "concurrency 1: the library's default, one batch in flight); its own process",
+            **(
+                {
+                    "timer batcher, 2 in flight": "the same with concurrency 2 (informative: no "
+                    "target uses it)"
+                }
+                if p.serial_extra_timer
+                else {}
+            ),
+            "clients": "closed loop, short texts",
+        },
+        "notes": [
+            "Direct at high concurrency queues every request behind all others, one 20 ms "
+            "call at a time: requests still waiting when the window closes are not in its "
+            "latency percentiles (closed-loop survivorship), so direct latency at 256 is "
+            "understated, never overstated."
+        ],
+    }
+
+
+def _rps(row: dict[str, Any] | None) -> float:
+    return float(row["throughput_rps"]) if row is not None else math.nan
+
+
+# -- mixed: 80 % short, 20 % long texts ---------------------------------------------------------
+
+# GPU-like per item (as in tei) plus a cost per token, so a long text costs more than a short
+# one: a short text (10 tokens) adds 0.1 ms to its batch, a long one (119 tokens) 0.65 ms.
+MIXED_COST = {"a_ms": 5.0, "b_ms": 0.05, "token_ms": 0.005}
+
+
+async def mixed(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile
+    setup: dict[str, Any] = {}
+    rows = await _direct_vs_proxy(
+        ctx,
+        "tei",
+        p.mixed_levels,
+        {**MIXED_COST, **TEI_LIMITS},
+        [("proxy", ())],
+        text="mixed",
+        setup=setup,
+    )
+    direct, px = _by(rows, "direct"), _by(rows, "proxy")
+    targets = []
+    table_rows: list[list[Any]] = []
+    for c in p.mixed_levels:
+        d, x = direct.get(c), px.get(c)
+        if d is None or x is None:
+            continue
+        thr = _ratio(x["throughput_rps"], d["throughput_rps"])
+        p99 = _ratio(x["p99_ms"], d["p99_ms"])
+        targets.append(
+            target(f"m1 c={c}", f"mixed texts: proxy / direct throughput at {c} clients", thr, 1.0)
+        )
+        targets.append(
+            target(
+                f"m2 c={c}",
+                f"mixed texts: proxy p99 / direct p99 at {c} clients",
+                p99,
+                1.1,
+                higher_is_better=False,
+            )
+        )
+        table_rows.append(
+            [
+                c,
+                d["throughput_rps"],
+                x["throughput_rps"],
+                thr,
+                _ratio(x["p50_ms"], d["p50_ms"]),
+                p99,
+                (x.get("batch_sizes") or {}).get("mean", math.nan),
+                _upstream_batch(d),
+                _upstream_batch(x),
+            ]
+        )
+    setup["upstream"] = (
+        f"TEI emulator, a={MIXED_COST['a_ms']:g} ms + b={MIXED_COST['b_ms']:g} ms per item + "
+        f"{MIXED_COST['token_ms']:g} ms per token (words + 2) per internal batch; {TEI_LIMITS}"
+    )
+    setup["clients"] = (
+        "closed loop; texts 80 % short (8 words) and 20 % long (117 words): exactly one long "
+        "text in every five consecutive requests, its position seeded (benchmarks/texts.py)"
+    )
+    return {
+        "rows": rows,
+        "targets": targets,
+        "tables": [
+            {
+                "title": "Mixed texts: proxy vs direct (the tei bars, applied here)",
+                "columns": [
+                    "clients",
+                    "direct req/s",
+                    "proxy req/s",
+                    "throughput x",
+                    "p50 x",
+                    "p99 x",
+                    "proxy batch (items per call)",
+                    "TEI batch: direct",
+                    "TEI batch: proxy",
+                ],
+                "rows": table_rows,
+            }
+        ],
+        "setup": setup,
+    }
+
+
+# -- step: 8 -> 256 -> 8 clients, the proxy's limit and latency over time -----------------------
+
+STEP_COST = ("CPU-like", 20.0, 1.0)  # the model where the upstream, not the CPU, sets the pace
+IN_FLIGHT_GAUGES = ("proxy_upstream_in_flight", "proxy_in_flight_batches")
+LIMIT_GAUGE = "proxy_concurrency_limit"
+SETTLE_BAND = 0.2  # within 20 % of steady state
+SETTLE_TARGET_S = 2.0
+
+
+async def _sample_metrics(
+    url: str, period_s: float, stop: asyncio.Event, out: list[dict[str, Any]], max_samples: int
+) -> None:
+    """Scrape ``/metrics`` every ``period_s`` until ``stop`` (bounded by ``max_samples``)."""
+    timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * period_s))
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while not stop.is_set() and len(out) < max_samples:
+            t = time.perf_counter()
+            sample: dict[str, Any] = {"t": t}
+            try:
+                async with session.get(url + "/metrics") as resp:
+                    snap = promstats.parse(await resp.text())
+                name = next((g for g in IN_FLIGHT_GAUGES if snap.has(g)), None)
+                sample["in_flight"] = snap.value(name) if name else None
+                sample["queue_depth"] = snap.value("proxy_queue_depth")
+                sample["limit"] = snap.value(LIMIT_GAUGE) if snap.has(LIMIT_GAUGE) else None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                sample["error"] = type(exc).__name__
+            out.append(sample)
+            left = period_s - (time.perf_counter() - t)
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=left)
+
+
+def _timeline(res: StepResult, bucket_s: float) -> list[dict[str, Any]]:
+    """Per bucket of send time: clients, requests sent, p50/p99 of their latency (200s),
+    errors; and 200 answers completed in the bucket, per second."""
+    n = math.ceil(res.boundaries[-1] / bucket_s - 1e-9)
+    lat: list[list[float]] = [[] for _ in range(n)]
+    errors = [0] * n
+    sent = [0] * n
+    done = [0] * n
+    for start, end, status in zip(res.start, res.end, res.status, strict=True):
+        k = int(start // bucket_s)
+        if 0 <= k < n:
+            sent[k] += 1
+            if status == 200:
+                lat[k].append((end - start) * 1000.0)
+            else:
+                errors[k] += 1
+        ke = int(end // bucket_s)
+        if 0 <= ke < n and status == 200:
+            done[ke] += 1
+    out = []
+    for k in range(n):
+        t = k * bucket_s
+        phase = next(i for i in range(len(res.clients)) if t < res.boundaries[i + 1] - 1e-9)
+        pct = percentiles(lat[k])
+        out.append(
+            {
+                "t": round(t, 4),
+                "clients": res.clients[phase],
+                "phase": phase,
+                "sent": sent[k],
+                "p50_ms": pct["p50"],
+                "p99_ms": pct["p99"],
+                "errors": errors[k],
+                "ok_rps": done[k] / bucket_s,
+            }
+        )
+    return out
+
+
+def _settle(
+    timeline: list[dict[str, Any]], t_from: float, t_to: float, bucket_s: float
+) -> tuple[float, float]:
+    """(steady-state p50, seconds from ``t_from`` until p50 stays within the band).
+
+    Steady state is the median of the bucket p50s in the second half of the phase. The
+    settle time runs to the start of the first bucket from which every later bucket of the
+    phase is within SETTLE_BAND of it; NaN if even the last bucket is outside."""
+    phase = [
+        b
+        for b in timeline
+        if t_from - 1e-9 <= b["t"]
+        and b["t"] + bucket_s <= t_to + 1e-9
+        and b["p50_ms"] == b["p50_ms"]
+    ]
+    tail = [b["p50_ms"] for b in phase if b["t"] >= t_from + (t_to - t_from) / 2 - 1e-9]
+    if not tail:
+        return math.nan, math.nan
+    steady = statistics.median(tail)
+    settled = math.nan
+    for i, b in enumerate(phase):
+        if all(abs(x["p50_ms"] - steady) <= SETTLE_BAND * steady for x in phase[i:]):
+            settled = b["t"] - t_from
+            break
+    return steady, settled
+
+
+async def step(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile
+    cost_name, a, b = STEP_COST
+    opts = {"a_ms": a, "b_ms": b, **TEI_LIMITS}
+    samples: list[dict[str, Any]] = []
+    total_s = sum(d for _, d in p.step_phases)
+    with procs.running(procs.emulator("tei", ctx.log_dir, **opts)) as (emu,):
+        px = procs.proxy(ctx.log_dir, emu.url)
+        with procs.running(px):
+            proxy_setup = describe_proxy(px)
+            await wait_idle(px, emu)
+            busy = await ctx.settle()
+            spec = StepSpec(url=px.url, phases=p.step_phases, timeout_s=30.0)
+            stop = asyncio.Event()
+            max_samples = math.ceil((total_s + 35.0) / p.step_sample_s)
+            sampler = asyncio.create_task(
+                _sample_metrics(px.url, p.step_sample_s, stop, samples, max_samples)
+            )
+            try:
+                with procs.CpuMeter([px, emu]) as cpu:
+                    res = await run_steps(spec)
+            finally:
+                stop.set()
+                await asyncio.wait_for(sampler, timeout=10.0)
+    for smp in samples:
+        smp["t"] = round(smp["t"] - res.t0, 4)
+    samples = [smp for smp in samples if smp["t"] >= -p.step_sample_s]
+    timeline = _timeline(res, p.step_bucket_s)
+    scraped = [smp for smp in samples if "error" not in smp]
+    has_limit = any(smp.get("limit") is not None for smp in scraped)
+    rows: list[dict[str, Any]] = []
+    targets: list[dict[str, Any]] = []
+    bounds = res.boundaries
+    for i, clients in enumerate(res.clients):
+        t_from, t_to = bounds[i], bounds[i + 1]
+        steady, settled = _settle(timeline, t_from, t_to, p.step_bucket_s)
+        in_phase = [smp for smp in scraped if t_from <= smp["t"] < t_to]
+        lat = [
+            (e - s_) * 1000.0
+            for s_, e, st in zip(res.start, res.end, res.status, strict=True)
+            if t_from <= s_ < t_to and st == 200
+        ]
+        done = sum(
+            1 for e, st in zip(res.end, res.status, strict=True) if t_from <= e < t_to and st == 200
+        )
+        errs = sum(
+            1
+            for s_, st in zip(res.start, res.status, strict=True)
+            if t_from <= s_ < t_to and st != 200
+        )
+        pct = percentiles(lat)
+        row = {
+            "label": f"phase {i + 1}",
+            "concurrency": clients,
+            "from_s": t_from,
+            "to_s": t_to,
+            "throughput_rps": done / (t_to - t_from),
+            "p50_ms": pct["p50"],
+            "p99_ms": pct["p99"],
+            "steady_p50_ms": steady,
+            "settle_s": settled if i > 0 else math.nan,
+            "errors": errs,
+            "mean_in_flight": _mean(smp.get("in_flight") for smp in in_phase),
+            "max_in_flight": _max(smp.get("in_flight") for smp in in_phase),
+            "mean_limit": _mean(smp.get("limit") for smp in in_phase),
+            "max_limit": _max(smp.get("limit") for smp in in_phase),
+        }
+        rows.append(row)
+        if i > 0:
+            prev = res.clients[i - 1]
+            targets.append(
+                target(
+                    f"st{i} {prev}->{clients}",
+                    f"step {prev} -> {clients} clients: seconds until p50 stays within "
+                    f"{SETTLE_BAND:.0%} of steady state ({steady:.1f} ms)",
+                    settled,
+                    SETTLE_TARGET_S,
+                    higher_is_better=False,
+                )
+            )
+        ctx.log(
+            f"  phase {i + 1}: {clients:>4} clients {t_from:5.1f}-{t_to:5.1f} s: "
+            f"{row['throughput_rps']:7.1f} req/s, steady p50 {steady:8.2f} ms, "
+            f"settled after {settled:.2f} s, in flight mean {row['mean_in_flight']:.2f}, "
+            f"limit {'mean ' + format(row['mean_limit'], '.2f') if has_limit else 'not exported'}"
+        )
+    notes = [
+        "Latency buckets are by send time: each bucket's p50 is the latency of the requests "
+        f"sent in those {p.step_bucket_s:g} s. Steady state is the median bucket p50 over the "
+        "second half of a phase. Settle time runs from the step to the start of the first "
+        f"bucket after which every bucket of the phase stays within {SETTLE_BAND:.0%} of it.",
+    ]
+    if not has_limit:
+        notes.append(
+            f"This proxy does not export `{LIMIT_GAUGE}`: no concurrency limit is plotted, "
+            "only upstream calls in flight. The limit is then the static "
+            "MAX_CONCURRENT_BATCHES the proxy reports in /info (see setup)."
+        )
+        ctx.log(f"  note: {LIMIT_GAUGE} is not exported by this proxy; plotting in-flight only")
+    if res.capped:
+        notes.append("The run stopped at the load generator's request cap.")
+    return {
+        "rows": rows,
+        "targets": targets,
+        "timeline": timeline,
+        "samples": samples,
+        "has_limit_gauge": has_limit,
+        "cpu_cores": {k: round(v, 3) for k, v in cpu.cores.items()},
+        "busy_cores_before": busy,
+        "setup": {
+            "upstream": f"TEI emulator, {cost_name}: a={a:g} ms + b={b:g} ms per item; "
+            f"{TEI_LIMITS}",
+            "proxy": proxy_setup,
+            "load": "closed loop, short texts, "
+            + " -> ".join(f"{c} clients for {d:g} s" for c, d in p.step_phases),
+            "sampling": f"/metrics every {p.step_sample_s:g} s "
+            f"({len(scraped)} samples, {len(samples) - len(scraped)} failed); latency in "
+            f"{p.step_bucket_s:g} s buckets",
+        },
+        "notes": notes,
+    }
+
+
+def _mean(values: Any) -> float:
+    xs = [float(v) for v in values if v is not None]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _max(values: Any) -> float:
+    xs = [float(v) for v in values if v is not None]
+    return max(xs) if xs else math.nan
+
+
 SCENARIOS: dict[str, Scenario] = {
     "embedded": embedded,
     "tei": tei,
+    "mixed": mixed,
     "naive": naive,
+    "serial": serial,
     "lowload": lowload,
     "capacity": capacity,
     "memory": memory,
     "overload": overload,
+    "step": step,
 }

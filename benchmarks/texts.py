@@ -1,7 +1,11 @@
-"""Deterministic request texts: short (~8 words) and long (~120 word-piece tokens).
+"""Deterministic request texts: short (~8 words), long (~120 word-piece tokens) and mixed.
 
 Texts vary per request so nothing along the way can serve a repeated answer, and they are
 built from a fixed seed so every run sends the same bytes.
+
+``mixed`` is 80 % short and 20 % long: in every run of five consecutive indices exactly one
+text is long, at a position drawn from the seed, so any stretch of requests has the same mix
+and the order does not repeat with a period of five.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from typing import Literal
 
 import orjson
 
-TextKind = Literal["short", "long"]
-TEXT_KINDS: tuple[TextKind, ...] = ("short", "long")
+TextKind = Literal["short", "long", "mixed"]
+TEXT_KINDS: tuple[TextKind, ...] = ("short", "long", "mixed")
 
 # Common English words, so word-piece tokenisation gives about one token per word.
 _WORDS = (
@@ -36,9 +40,19 @@ _WORDS = (
 
 SHORT_WORDS = 8
 LONG_WORDS = 117  # 120 tokens with [CLS], [SEP] and the full stop
+MIXED_BLOCK = 5  # mixed: one long text in every block of five (20 %)
+
+
+def mixed_kind(index: int, seed: int = 1234) -> Literal["short", "long"]:
+    """Whether text ``index`` of the mixed kind is short or long (deterministic, seeded)."""
+    block, pos = divmod(index, MIXED_BLOCK)
+    long_pos = random.Random(seed * 7_919 + block).randrange(MIXED_BLOCK)
+    return "long" if pos == long_pos else "short"
 
 
 def make_text(kind: TextKind, index: int, seed: int = 1234) -> str:
+    if kind == "mixed":
+        kind = mixed_kind(index, seed)
     rng = random.Random(seed * 1_000_003 + index * 2 + (kind == "long"))
     n = SHORT_WORDS if kind == "short" else LONG_WORDS
     words = [rng.choice(_WORDS) for _ in range(n)]
