@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from http import HTTPStatus
 from typing import Any
 
 
@@ -27,6 +28,8 @@ class ApiError(Exception):
 
     ``from_upstream`` marks errors the upstream itself answered for a batch; the service uses
     it to tell "this batch holds a bad item" (worth splitting) from faults of the transport.
+    Errors the proxy raises on the upstream's behalf (unreachable, timed out, malformed or
+    refused answers) are 502, 503 or 504 without it; see :func:`proxy.resilience.classify`.
     """
 
     def __init__(
@@ -87,3 +90,28 @@ def timeout(message: str = "Request timed out") -> ApiError:
 
 def bad_upstream(message: str) -> ApiError:
     return ApiError(502, message, ErrorType.UPSTREAM)
+
+
+# What to check when the upstream refuses the proxy itself rather than the input.
+_REFUSAL_HINTS = {
+    401: "check UPSTREAM_API_KEY",
+    403: "check UPSTREAM_API_KEY",
+    404: "check UPSTREAM_URL and UPSTREAM_KIND",
+    405: "check UPSTREAM_URL and UPSTREAM_KIND",
+}
+REFUSAL_STATUSES = frozenset(_REFUSAL_HINTS)
+
+
+def upstream_refused(status: int, detail: str = "") -> ApiError:
+    """The upstream refused the proxy's credentials or route (401, 403, 404, 405).
+
+    That is the operator's problem, not the caller's: passing the 401 on would blame the
+    caller's own key. A 502 names the upstream's answer and counts toward the breaker.
+    """
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    hint = _REFUSAL_HINTS.get(status, "check the upstream settings")
+    detail = f" ({detail})" if detail else ""
+    return bad_upstream(f"upstream refused the call: {status} {phrase}{detail}; {hint}")

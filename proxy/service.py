@@ -2,7 +2,9 @@
 
 The HTTP layer calls :meth:`EmbeddingService.embed` with parsed inputs; it never sees the
 batcher. The batcher never sees HTTP. This is the only place that knows both the upstream's
-limits and the batching settings.
+limits and the batching settings. It has three parts: the input rules (``validate``), the
+resilient upstream (:class:`proxy.resilience.ResilientUpstream`: retries, breaker, replica
+choice) and the bisector (``_process``), which finds the items an upstream refused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from proxy.batcher import (
 )
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
-from proxy.resilience import CircuitBreaker, Fault, RetryPolicy, classify, counts_against_upstream
+from proxy.resilience import (
+    CircuitBreaker,
+    Fault,
+    ResilienceConfig,
+    ResilientUpstream,
+    classify,
+)
 from proxy.settings import Settings
 from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
 
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 # TEI's MAX_CHAR_MULTIPLIER: with truncation off, inputs over max_input_length * 250
 # characters are refused before tokenisation (core/src/tokenization.rs).
 TEI_MAX_CHAR_MULTIPLIER = 250
+# A harmless input for telling a batch-wide refusal from two items refused alike.
+_PROBE_INPUT = "a"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,27 @@ class _MetricsObserver(BatchObserver):
         self._dropped.labels(self._model, reason).inc()
 
 
+class _UpstreamMetrics:
+    """Metrics for :class:`ResilientUpstream` (a :class:`proxy.resilience.CallObserver`)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._duration = metrics.upstream_duration.labels(model)
+        self._calls = metrics.upstream_calls
+        self._retries = metrics.upstream_retries
+        self._breaker_opened = metrics.breaker_opened.labels(model)
+        self._model = model
+
+    def call_finished(self, outcome: str, seconds: float) -> None:
+        self._duration.observe(seconds)
+        self._calls.labels(self._model, outcome).inc()
+
+    def retried(self, fault: Fault) -> None:
+        self._retries.labels(fault.value).inc()
+
+    def breaker_opened(self) -> None:
+        self._breaker_opened.inc()
+
+
 def input_cost(item: EmbedInput) -> int:
     return len(item)
 
@@ -76,14 +107,20 @@ class EmbeddingService:
         self._batcher: Batcher[_Item, Vector] | None = None
         self._queue_gauge = metrics.queue_depth.labels(name)
         self._in_flight_gauge = metrics.in_flight_batches.labels(name)
-        self._upstream_duration = metrics.upstream_duration.labels(name)
         self._items_counter = metrics.request_items.labels(name)
         self._splits = metrics.batch_splits.labels(name)
-        self._retries = metrics.upstream_retries
-        self._breaker_opened = metrics.breaker_opened.labels(name)
-        self._retry = RetryPolicy(max_retries=settings.upstream_retries)
-        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
-        self._probe_task: asyncio.Task[None] | None = None
+        self.resilient = ResilientUpstream(
+            upstream,
+            ResilienceConfig(
+                retries=settings.upstream_retries,
+                breaker_threshold=settings.breaker_threshold,
+                breaker_cooldown_s=settings.breaker_cooldown,
+                eject_after=settings.replica_eject_after,
+                probe_interval_s=settings.replica_probe_interval,
+            ),
+            observer=_UpstreamMetrics(metrics, name),
+            check=self._check_dimension,
+        )
         self._draining = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -132,6 +169,10 @@ class EmbeddingService:
         )
 
     @property
+    def breaker(self) -> CircuitBreaker:
+        return self.resilient.breaker
+
+    @property
     def batcher(self) -> Batcher[_Item, Vector]:
         if self._batcher is None:
             raise RuntimeError("service not started")
@@ -148,8 +189,7 @@ class EmbeddingService:
             await self._batcher.drain()
 
     async def close(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        await self.resilient.close()
         if self._batcher is not None:
             await self._batcher.aclose()
         await self.upstream.close()
@@ -202,6 +242,9 @@ class EmbeddingService:
         limit = self.settings.max_client_batch_size
         if len(inputs) > limit:
             raise errors.batch_too_large(len(inputs), limit)
+        unsupported = self.upstream.unsupported(options)
+        if unsupported is not None:
+            raise errors.validation(unsupported)
         if options.dimensions is not None:
             if options.dimensions <= 0:
                 raise errors.validation("Input validation error: `dimensions` should be positive")
@@ -343,103 +386,68 @@ class EmbeddingService:
         except ApiError as exc:
             if classify(exc) is not Fault.ITEM:
                 raise
-            if len(items) == 1:
-                return [exc]
-            self._splits.inc()
-            mid = len(items) // 2
-            # Halves go one after the other: splitting must not exceed the upstream's
-            # concurrency bound that the batcher keeps.
-            left = await self._process(items[:mid])
-            right = await self._process(items[mid:])
-            return left + right
+            return await self._bisect(items, exc, item_specific=False)
+
+    async def _bisect(
+        self, items: list[_Item], exc: ApiError, *, item_specific: bool
+    ) -> list[Vector | BaseException]:
+        """``items`` were refused with ``exc``, an item fault: find which items are at fault.
+
+        If both halves are refused with the very same error, the refusal is probably not
+        about any one item (e.g. an unknown ``prompt_name``): one call with a harmless input
+        settles it, and if that is refused alike, every item gets the error at once instead
+        of ~2n calls. Two bad items that fail alike (same message) keep being split; once the
+        harmless input passed (``item_specific``), no further probe is needed.
+        """
+        if len(items) == 1:
+            return [exc]
+        self._splits.inc()
+        mid = len(items) // 2
+        halves = (items[:mid], items[mid:])
+        # Halves go one after the other: splitting must not exceed the upstream's
+        # concurrency bound that the batcher keeps.
+        outcomes = [await self._try_upstream(half) for half in halves]
+        left, right = outcomes
+        if (
+            not item_specific
+            and len(items) > 2
+            and isinstance(left, ApiError)
+            and isinstance(right, ApiError)
+            and _same_error(left, right)
+        ):
+            if await self._refused_for_any_input(items, left):
+                return [left] * len(items)
+            item_specific = True
+        results: list[Vector | BaseException] = []
+        for half, outcome in zip(halves, outcomes, strict=True):
+            if isinstance(outcome, ApiError):
+                results.extend(await self._bisect(half, outcome, item_specific=item_specific))
+            else:
+                results.extend(outcome)
+        return results
+
+    async def _try_upstream(self, items: list[_Item]) -> list[Vector] | ApiError:
+        """A call whose item fault is returned, not raised; other faults still raise."""
+        try:
+            return await self._call_upstream(items)
+        except ApiError as exc:
+            if classify(exc) is not Fault.ITEM:
+                raise
+            return exc
+
+    async def _refused_for_any_input(self, items: list[_Item], exc: ApiError) -> bool:
+        probe = _Item(_PROBE_INPUT, items[0].options, max(item.deadline for item in items))
+        outcome = await self._try_upstream([probe])
+        return isinstance(outcome, ApiError) and _same_error(outcome, exc)
 
     async def _call_upstream(self, items: list[_Item]) -> list[Vector]:
-        """One upstream call with retries: TEI's 429 with jittered backoff until the latest
-        caller's deadline, 5xx/424/refused connections a bounded number of times."""
-        options = items[0].options
-        inputs = [item.input for item in items]
-        deadline = max(item.deadline for item in items)
-        policy = self._retry
-        attempt = 0
-        transient_retries = 0
-        while True:
-            if self.breaker.is_open:
-                raise errors.unavailable(
-                    "upstream circuit breaker is open after repeated failures; "
-                    "the proxy is probing the upstream's health"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise errors.timeout("request deadline passed before the upstream answered")
-            call_started = time.monotonic()
-            try:
-                async with asyncio.timeout(remaining):
-                    vectors = await self._timed_call(inputs, options)
-            except TimeoutError as exc:
-                raise errors.timeout(
-                    "request deadline passed while waiting for the upstream"
-                ) from exc
-            except ApiError as exc:
-                fault = classify(exc)
-                if fault is Fault.ITEM:
-                    self.breaker.record_success()  # it answered sanely; the input is bad
-                    raise
-                retry = fault is Fault.OVERLOADED or (
-                    fault is Fault.TRANSIENT and transient_retries < policy.max_retries
-                )
-                delay = policy.delay(attempt)
-                # Don't start a retry that cannot finish in time: the caller would get a
-                # 504 instead of the upstream's meaningful answer (e.g. 429: back off).
-                call_s = time.monotonic() - call_started
-                if not retry or time.monotonic() + delay + call_s >= deadline:
-                    if counts_against_upstream(exc):
-                        self._record_upstream_failure()
-                    raise
-                if fault is Fault.TRANSIENT:
-                    transient_retries += 1
-                attempt += 1
-                self._retries.labels(fault.value).inc()
-                await asyncio.sleep(delay)
-                continue
-            self.breaker.record_success()
-            return vectors
-
-    async def _timed_call(self, inputs: list[EmbedInput], options: EmbedOptions) -> list[Vector]:
-        started = time.perf_counter()
-        outcome = "200"
-        try:
-            vectors = await self.upstream.embed(inputs, options)
-            self._check_dimension(vectors, options)
-            return vectors
-        except ApiError as exc:
-            outcome = str(exc.status)
-            raise
-        except TimeoutError:
-            outcome = "deadline"
-            raise
-        except Exception as exc:
-            outcome = "error"
-            log.exception("upstream call failed unexpectedly")
-            raise errors.bad_upstream(f"upstream call failed: {exc.__class__.__name__}") from exc
-        finally:
-            self._upstream_duration.observe(time.perf_counter() - started)
-            self.metrics.upstream_calls.labels(self.name, outcome).inc()
-
-    def _record_upstream_failure(self) -> None:
-        if self.breaker.record_failure():
-            self._breaker_opened.inc()
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_until_healthy())
-
-    async def _probe_until_healthy(self) -> None:
-        while self.breaker.is_open:
-            await asyncio.sleep(self.breaker.cooldown_s)
-            try:
-                healthy = await self.upstream.health()
-            except Exception:  # a probe must never die: the breaker would stay open
-                log.exception("upstream health probe failed")
-                healthy = False
-            if healthy:
-                self.breaker.record_success()
+        """One upstream call, with the resilient upstream's retries and replica choice, until
+        the latest caller's deadline."""
+        return await self.resilient.embed(
+            [item.input for item in items],
+            items[0].options,
+            deadline=max(item.deadline for item in items),
+        )
 
     def _check_dimension(self, vectors: list[Vector], options: EmbedOptions) -> None:
         if len(vectors) == 0:
@@ -489,8 +497,14 @@ class EmbeddingService:
             "request_timeout_s": s.request_timeout,
             "upstream_timeout_s": s.upstream_timeout,
             "upstream": upstream_limits,
+            "upstream_replicas": self.resilient.replica_count,
+            "upstream_replicas_ejected": self.resilient.ejected_count,
         }
         return body
+
+
+def _same_error(a: ApiError, b: ApiError) -> bool:
+    return (a.status, a.error_type, a.message) == (b.status, b.error_type, b.message)
 
 
 def _version() -> str:

@@ -178,6 +178,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between health probes of the upstream while the breaker is open.",
     )
+    replica_eject_after: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed calls (refused or reset connections, 5xx, timeouts, "
+        "malformed answers) after which an upstream replica is ejected: no calls go to it "
+        "until its health check passes. If all are ejected, the one that failed longest ago "
+        "is still tried.",
+    )
+    replica_probe_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds before the first health probe of an ejected replica; doubles "
+        "after each failed probe, up to 30 s.",
+    )
     shutdown_timeout: float = Field(
         30.0,
         gt=0,

@@ -56,6 +56,30 @@ async def test_options_the_api_lacks_are_refused(start_proxy: ProxyFactory) -> N
     assert "normalize" in (await resp.json())["error"]
 
 
+@pytest.mark.parametrize(
+    "option",
+    [{"normalize": False}, {"prompt_name": "query"}, {"truncation_direction": "Left"}],
+)
+async def test_options_the_api_lacks_never_open_the_breaker(
+    start_proxy: ProxyFactory, tei_double: TeiDouble, option: dict[str, Any]
+) -> None:
+    # A client's request the upstream kind cannot honour is the client's problem: it must be
+    # refused before anything is queued, and never count as an upstream failure.
+    client = await start_openai_proxy(start_proxy)
+    calls = len(tei_double.calls)
+    for i in range(50):
+        resp = await client.post("/embed", json={"inputs": f"text {i}", **option})
+        assert resp.status == 422, (i, await resp.text())
+        body = await resp.json()
+        assert body["error_type"] == "Validation"
+        assert "not available with an openai upstream" in body["error"]
+    assert len(tei_double.calls) == calls  # nothing went upstream
+    assert (await client.get("/health")).status == 200
+    resp = await client.post("/embed", json={"inputs": "a normal request"})
+    assert resp.status == 200
+    assert await resp.json() == [pytest.approx(expected_vector("a normal request"), rel=1e-6)]
+
+
 async def test_upstream_errors_are_mapped(start_proxy: ProxyFactory, tei_double: TeiDouble) -> None:
     client = await start_openai_proxy(start_proxy)
     tei_double.set_fault(Fault.ERROR_500, times=3)  # the first try and both retries

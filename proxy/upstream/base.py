@@ -1,8 +1,11 @@
 """The small interface every upstream implements: TEI over HTTP, OpenAI-compatible over HTTP,
-and the in-process embedded model. The batcher, routes, limits and metrics see only this."""
+and the in-process embedded model. The batcher, routes, limits and metrics see only this:
+an upstream is a set of replicas (one for the embedded model), each with ``embed`` and
+``health``, plus what it can honour (``unsupported``) and report (``compute_type``)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -53,16 +56,14 @@ class UpstreamInfo:
         )
 
 
-class Upstream(Protocol):
-    """An embedding backend. ``embed`` raises :class:`proxy.errors.ApiError` on failure:
-    errors the upstream answered carry ``from_upstream=True``; transport faults are 502/503/504.
+class Replica(Protocol):
+    """One server an upstream call can go to: a replica of an HTTP upstream, or the
+    in-process model. ``embed`` raises :class:`proxy.errors.ApiError` on failure: errors the
+    server answered carry ``from_upstream=True``; transport faults are 502/503/504.
     """
 
-    kind: str
-
-    async def start(self) -> UpstreamInfo:
-        """Connect or load; return once the upstream serves. Called once, before any embed."""
-        ...
+    @property
+    def name(self) -> str: ...
 
     async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
         """Embed ``inputs`` in one call; the result has one vector per input, in order."""
@@ -70,4 +71,60 @@ class Upstream(Protocol):
 
     async def health(self) -> bool: ...
 
+
+class Upstream(Protocol):
+    """An embedding backend: one or more replicas that serve the same model.
+
+    Which replica gets a call, retries and the circuit breaker are not the upstream's job:
+    :class:`proxy.resilience.ResilientUpstream` does them around ``replicas``.
+    """
+
+    kind: str
+
+    @property
+    def replicas(self) -> Sequence[Replica]: ...
+
+    @property
+    def compute_type(self) -> str | None:
+        """What to answer in TEI's ``x-compute-type`` header; None: the upstream never said."""
+        ...
+
+    def unsupported(self, options: EmbedOptions) -> str | None:
+        """Why ``options`` cannot be honoured by this kind of upstream, or None. Checked when
+        a request is validated, before anything is queued."""
+        ...
+
+    async def start(self) -> UpstreamInfo:
+        """Connect or load; return once the upstream serves. Called once, before any embed."""
+        ...
+
+    async def health(self) -> bool:
+        """True when at least one replica is healthy."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class SingleServerUpstream(ABC):
+    """Defaults for an upstream that is its own only replica and honours every option (the
+    in-process model)."""
+
+    kind: str
+    compute_type: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def replicas(self) -> Sequence[Replica]:
+        return (self,)
+
+    def unsupported(self, options: EmbedOptions) -> str | None:
+        return None
+
+    @abstractmethod
+    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]: ...
+
+    @abstractmethod
+    async def health(self) -> bool: ...

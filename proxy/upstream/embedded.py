@@ -26,7 +26,14 @@ from tokenizers import Tokenizer
 
 from proxy.errors import ApiError, ErrorType, empty_input, unavailable, validation
 from proxy.upstream import onnx_bert
-from proxy.upstream.base import EmbedInput, EmbedOptions, TruncationDirection, UpstreamInfo, Vector
+from proxy.upstream.base import (
+    EmbedInput,
+    EmbedOptions,
+    SingleServerUpstream,
+    TruncationDirection,
+    UpstreamInfo,
+    Vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +86,7 @@ def _tokenizer_error(exc: Exception) -> ApiError:
     return ApiError(422, f"tokenizer error {exc}", ErrorType.TOKENIZER, from_upstream=True)
 
 
-class EmbeddedUpstream:
+class EmbeddedUpstream(SingleServerUpstream):
     """all-MiniLM-L6-v2 in this process. All model work (tokenising and inference) runs on one
     dedicated thread, one onnxruntime session per process; ``embed`` awaits that thread, so
     the event loop stays free while a batch runs."""

@@ -10,7 +10,14 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.errors import ApiError, ErrorType, bad_upstream, validation
+from proxy.errors import (
+    REFUSAL_STATUSES,
+    ApiError,
+    ErrorType,
+    bad_upstream,
+    upstream_refused,
+    validation,
+)
 from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
 from proxy.upstream.tei import HttpUpstreamBase, NotReadyError, check_vectors
 
@@ -35,10 +42,10 @@ def openai_error(status: int, body: bytes) -> ApiError:
             message = err["message"]
         elif isinstance(err, str):
             message = err
-    if status in (401, 403, 404):
+    if status in REFUSAL_STATUSES:
         # Our credentials, path or model name are wrong: that is the operator's problem,
         # not the caller's, so it must not look like the caller's 401 or 404.
-        return bad_upstream(f"upstream refused the call ({status}): {message}")
+        return upstream_refused(status, message)
     if status == 429:
         return ApiError(429, message, ErrorType.OVERLOADED, from_upstream=True)
     if 400 <= status < 500:
@@ -69,20 +76,20 @@ class OpenAIUpstream(HttpUpstreamBase):
         self.path = path if path.startswith("/") else "/" + path
 
     async def start(self) -> UpstreamInfo:
-        """Probe with one tiny embedding: it proves reachability and credentials, and tells
-        the dimension. Transport faults are retried; refusals stop start-up."""
+        """Probe with one tiny embedding on any replica: it proves reachability and
+        credentials, and tells the dimension. Transport faults are retried; refusals stop
+        start-up."""
 
-        async def probe() -> list[Vector]:
+        async def probe(base_url: str) -> list[Vector]:
             try:
-                return await self._call(["ping"])
+                return await self._call(base_url, ["ping"])
             except ApiError as exc:
                 if exc.status in (502, 503, 504) and not exc.message.startswith("upstream refused"):
                     raise NotReadyError(exc.message) from exc
                 raise RuntimeError(f"openai upstream refused the probe: {exc.message}") from exc
 
-        vectors = await self._until_ready(
-            probe, f"the openai upstream at {self._replicas[0].base_url}"
-        )
+        urls = ", ".join(r.base_url for r in self._replicas)
+        vectors = await self._from_any_replica(probe, f"the openai upstream at {urls}")
         dim = len(vectors[0])
         model_id = self.model or "openai-compatible"
         raw: dict[str, Any] = {
@@ -106,11 +113,11 @@ class OpenAIUpstream(HttpUpstreamBase):
         info.embedding_dimension = dim
         return info
 
-    async def _call(self, inputs: Sequence[EmbedInput]) -> list[Vector]:
+    async def _call(self, base_url: str, inputs: Sequence[EmbedInput]) -> list[Vector]:
         payload: dict[str, Any] = {"input": list(inputs), "encoding_format": "float"}
         if self.model:
             payload["model"] = self.model
-        status, body, _ = await self._post_json(self.path, payload)
+        status, body, _ = await self._post_json(base_url, self.path, payload)
         if status != 200:
             raise openai_error(status, body)
         try:
@@ -130,30 +137,36 @@ class OpenAIUpstream(HttpUpstreamBase):
             raise bad_upstream("upstream answered embeddings with wrong indices")
         return check_vectors([d.get("embedding") for d in ordered], len(inputs))
 
-    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
-        # The OpenAI API has none of TEI's per-request options but `dimensions`, and servers
-        # differ in whether they honour it; refuse what cannot be honoured rather than lie.
+    def unsupported(self, options: EmbedOptions) -> str | None:
+        # The OpenAI API has none of TEI's per-request options but `dimensions` (cut here, as
+        # TEI does): refuse what cannot be honoured rather than lie. Refused at validation,
+        # so a caller's option never reaches the upstream nor counts as its failure.
         if not options.normalize:
-            raise validation("`normalize: false` is not available with an openai upstream")
+            return "`normalize: false` is not available with an openai upstream"
         if options.prompt_name is not None:
-            raise validation("`prompt_name` is not available with an openai upstream")
+            return "`prompt_name` is not available with an openai upstream"
         if options.truncation_direction != "Right":
-            raise validation(
-                "`truncation_direction: Left` is not available with an openai upstream"
-            )
-        vectors = await self._call(inputs)
+            return "`truncation_direction: Left` is not available with an openai upstream"
+        return None
+
+    async def embed_at(
+        self, base_url: str, inputs: Sequence[EmbedInput], options: EmbedOptions
+    ) -> list[Vector]:
+        reason = self.unsupported(options)
+        if reason is not None:  # validation refuses these first; never send them regardless
+            raise validation(reason)
+        vectors = await self._call(base_url, inputs)
         if options.dimensions is not None:
             # Matryoshka cut as TEI does it: keep the first N values, then normalise.
             return [_normalise(v[: options.dimensions]) for v in vectors]
         return vectors
 
-    async def health(self) -> bool:
-        for replica in self._replicas:
-            for path in ("/health", "/v1/models"):
-                try:
-                    status, _ = await self._get(replica.base_url, path, 2.0)
-                except (aiohttp.ClientError, TimeoutError):
-                    break
-                if 200 <= status < 300:
-                    return True
+    async def health_at(self, base_url: str) -> bool:
+        for path in ("/health", "/v1/models"):
+            try:
+                status, _ = await self._get(base_url, path, 2.0)
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+            if 200 <= status < 300:
+                return True
         return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -11,7 +10,15 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from proxy.errors import ApiError, ErrorType, bad_upstream, timeout, unavailable
+from proxy.errors import (
+    REFUSAL_STATUSES,
+    ApiError,
+    ErrorType,
+    bad_upstream,
+    timeout,
+    unavailable,
+    upstream_refused,
+)
 from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
@@ -29,16 +36,37 @@ class NotReadyError(Exception):
     """The upstream is not serving yet; start-up waits and asks again."""
 
 
-class _Replica:
-    __slots__ = ("base_url", "in_flight")
+class HttpReplica:
+    """One server of an HTTP upstream. Calls go through its upstream's pooled session.
 
-    def __init__(self, base_url: str) -> None:
+    ``base_url`` is read at each call, so it may be changed while running (tests do).
+    """
+
+    __slots__ = ("_upstream", "base_url")
+
+    def __init__(self, upstream: HttpUpstreamBase, base_url: str) -> None:
         self.base_url = base_url
-        self.in_flight = 0
+        self._upstream = upstream
+
+    @property
+    def name(self) -> str:
+        return self.base_url
+
+    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
+        return await self._upstream.embed_at(self.base_url, inputs, options)
+
+    async def health(self) -> bool:
+        return await self._upstream.health_at(self.base_url)
+
+    def __repr__(self) -> str:
+        return f"HttpReplica({self.base_url!r})"
 
 
 class HttpUpstreamBase:
-    """What the HTTP upstreams share: one pooled session and least-outstanding replicas."""
+    """What the HTTP upstreams share: one pooled session for all their replicas.
+
+    Which replica gets a call is :class:`proxy.resilience.ResilientUpstream`'s choice.
+    """
 
     kind = "http"
 
@@ -52,14 +80,26 @@ class HttpUpstreamBase:
     ) -> None:
         if not urls:
             raise ValueError("at least one upstream URL is needed")
-        self._replicas = [_Replica(u.rstrip("/")) for u in urls]
-        self._rotation = itertools.count()
+        self._replicas = [HttpReplica(self, u.rstrip("/")) for u in urls]
         self._timeout_s = timeout_s
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._compute_type: str | None = None
+
+    @property
+    def replicas(self) -> Sequence[HttpReplica]:
+        return self._replicas
+
+    @property
+    def compute_type(self) -> str | None:
+        # The last value a replica sent: TEI answers x-compute-type on every success.
+        return self._compute_type
+
+    def unsupported(self, options: EmbedOptions) -> str | None:
+        return None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -75,27 +115,32 @@ class HttpUpstreamBase:
             )
         return self._session
 
-    def _pick(self) -> _Replica:
-        # Least outstanding calls; rotate among ties so idle replicas share the load.
-        start = next(self._rotation) % len(self._replicas)
-        order = self._replicas[start:] + self._replicas[:start]
-        return min(order, key=lambda r: r.in_flight)
+    async def embed_at(
+        self, base_url: str, inputs: Sequence[EmbedInput], options: EmbedOptions
+    ) -> list[Vector]:
+        raise NotImplementedError
 
-    async def _post_json(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, str]:
-        """POST to the least-busy replica; map transport faults to 503/504."""
-        replica = self._pick()
-        replica.in_flight += 1
-        url = replica.base_url + path
+    async def health_at(self, base_url: str) -> bool:
         try:
-            async with self.session.post(url, data=orjson.dumps(payload)) as resp:
+            status, _ = await self._get(base_url, "/health", 2.0)
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return status == 200
+
+    async def _post_json(
+        self, base_url: str, path: str, payload: dict[str, Any]
+    ) -> tuple[int, bytes, str]:
+        """POST to one replica; map transport faults to 503/504."""
+        try:
+            async with self.session.post(base_url + path, data=orjson.dumps(payload)) as resp:
                 body = await resp.read()
+                if resp.status == 200 and "x-compute-type" in resp.headers:
+                    self._compute_type = resp.headers["x-compute-type"]
                 return resp.status, body, resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
             raise timeout(f"upstream did not answer within {self._timeout_s:g}s") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise unavailable(f"upstream unreachable: {exc.__class__.__name__}") from exc
-        finally:
-            replica.in_flight -= 1
 
     async def _get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
         async with self.session.get(
@@ -121,14 +166,25 @@ class HttpUpstreamBase:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _STARTUP_RETRY_MAX_S)
 
+    async def _from_any_replica(self, read: Callable[[str], Awaitable[T]], what: str) -> T:
+        """Start-up: ``read`` from the first replica that answers, asking each in turn until
+        one does. A dead replica must not hold the others back."""
+
+        async def probe() -> T:
+            reasons = []
+            for replica in self._replicas:
+                try:
+                    return await read(replica.base_url)
+                except NotReadyError as exc:
+                    reasons.append(f"{replica.base_url}: {exc}")
+            raise NotReadyError("; ".join(reasons))
+
+        return await self._until_ready(probe, what)
+
     async def health(self) -> bool:
-        """Healthy when at least one replica answers its health route with 200."""
-        for replica in sorted(self._replicas, key=lambda r: r.in_flight):
-            try:
-                status, _ = await self._get(replica.base_url, "/health", 2.0)
-            except (aiohttp.ClientError, TimeoutError):
-                continue
-            if status == 200:
+        """Healthy when at least one replica is."""
+        for replica in self._replicas:
+            if await replica.health():
                 return True
         return False
 
@@ -139,7 +195,14 @@ class HttpUpstreamBase:
 
 
 def tei_error(status: int, body: bytes, content_type: str) -> ApiError:
-    """Turn an upstream error answer into ours, keeping TEI's own message and type."""
+    """Turn an upstream error answer into ours, keeping TEI's own message and type.
+
+    401, 403, 404 and 405 refuse the proxy's key or route, not the caller's input: they become
+    502 ``Upstream`` naming the upstream's answer.
+    """
+    if status in REFUSAL_STATUSES:
+        detail = body.decode("utf-8", "replace").strip()[:200]
+        return upstream_refused(status, detail)
     if "json" in content_type:
         try:
             parsed = orjson.loads(body)
@@ -186,10 +249,10 @@ class TeiUpstream(HttpUpstreamBase):
         self.info: UpstreamInfo | None = None
 
     async def start(self) -> UpstreamInfo:
-        """Read ``/info``, retrying until TEI answers: it binds its port only once loaded."""
-        base = self._replicas[0].base_url
+        """Read ``/info`` from any replica, retrying until one answers: TEI binds its port
+        only once loaded."""
 
-        async def read_info() -> UpstreamInfo:
+        async def read_info(base: str) -> UpstreamInfo:
             try:
                 status, body = await self._get(base, "/info", min(self._timeout_s, 10.0))
                 if status == 200:
@@ -202,10 +265,13 @@ class TeiUpstream(HttpUpstreamBase):
                 )
             raise NotReadyError(f"HTTP {status}")
 
-        self.info = await self._until_ready(read_info, f"TEI at {base}/info")
+        urls = ", ".join(r.base_url for r in self._replicas)
+        self.info = await self._from_any_replica(read_info, f"TEI /info at {urls}")
         return self.info
 
-    async def embed(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> list[Vector]:
+    async def embed_at(
+        self, base_url: str, inputs: Sequence[EmbedInput], options: EmbedOptions
+    ) -> list[Vector]:
         payload: dict[str, Any] = {"inputs": list(inputs), "normalize": options.normalize}
         if options.truncate is not None:
             payload["truncate"] = options.truncate
@@ -215,7 +281,7 @@ class TeiUpstream(HttpUpstreamBase):
             payload["prompt_name"] = options.prompt_name
         if options.dimensions is not None:
             payload["dimensions"] = options.dimensions
-        status, body, content_type = await self._post_json("/embed", payload)
+        status, body, content_type = await self._post_json(base_url, "/embed", payload)
         if status != 200:
             raise tei_error(status, body, content_type)
         try:
