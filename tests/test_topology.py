@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from tests.redis_server import SKIP_REASON
+from tests.redis_server import find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "topology.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason=SKIP_REASON)
+pytestmark = pytest.mark.skipif(find_redis_server()[0] is None, reason=find_redis_server()[1])
 
 
 def _load_topology() -> ModuleType:
