@@ -203,6 +203,8 @@ def create_app(
             workers=settings.job_workers,
             visibility_timeout_s=settings.job_visibility_timeout,
             max_records=settings.max_job_records,
+            max_bytes=settings.max_job_bytes,
+            job_timeout_s=settings.job_timeout,
         )
         app[SERVICE] = service
         app[JOBS] = jobs
@@ -213,9 +215,10 @@ def create_app(
                 settings.workers,
             )
 
-        async def run_job(text: str) -> list[float]:
-            # Jobs meet every other caller in the same batcher.
-            deadline = time.monotonic() + settings.request_timeout
+        async def run_job(text: str, job_deadline: float) -> list[float]:
+            # Jobs meet every other caller in the same batcher. One attempt lasts as long as
+            # a request may, but never past the job's own lifetime (JOB_TIMEOUT).
+            deadline = min(time.monotonic() + settings.request_timeout, job_deadline)
             vectors = await service.embed([text], EmbedOptions(), deadline=deadline)
             return as_floats(vectors[0])
 

@@ -255,9 +255,23 @@ class Settings(BaseSettings):
     max_job_records: int = Field(
         20_000,
         ge=1,
-        description="memory store: job records kept at most (finished ones are evicted "
-        "oldest first past it, even before RESULT_TTL), so memory stays bounded. At least "
-        "MAX_JOBS.",
+        description="Job records kept at most, unfinished and finished (finished ones are "
+        "evicted oldest first past it, even before RESULT_TTL). At least MAX_JOBS.",
+    )
+    max_job_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of job inputs and results kept at most (each unfinished job also "
+        "holds room for its result). Past it the oldest finished records are evicted; a job "
+        "that would not fit beside the unfinished ones is refused with 429. At least twice "
+        "PAYLOAD_LIMIT.",
+    )
+    job_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds an async job may take from acceptance to its result: queueing, "
+        "attempts and retries of temporary faults (429, 502, 503, 504) together. Past it the "
+        "job fails with its last fault.",
     )
     result_ttl: float = Field(
         3600.0, gt=0, description="Seconds a finished job's result stays readable."
@@ -297,6 +311,9 @@ class Settings(BaseSettings):
     def _check_job_bounds(self) -> Settings:
         if self.max_job_records < self.max_jobs:
             raise ValueError("MAX_JOB_RECORDS must be at least MAX_JOBS")
+        if self.max_job_bytes < 2 * self.payload_limit:
+            # Room for a job of the largest body the proxy accepts, with its result.
+            raise ValueError("MAX_JOB_BYTES must be at least twice PAYLOAD_LIMIT")
         return self
 
     @field_validator("upstream_url")

@@ -24,8 +24,9 @@ from proxy.jobs.base import (
     JobStoreUnavailableError,
 )
 from proxy.jobs.factory import build_job_store
-from proxy.jobs.memory import INTERNAL_ERROR_MESSAGE, MemoryJobStore
+from proxy.jobs.memory import MemoryJobStore
 from proxy.jobs.redis_store import RedisJobStore
+from proxy.jobs.retry import INTERNAL_ERROR_MESSAGE
 from tests.job_worker_process import fake_vector
 from tests.redis_server import RedisServer, free_port
 
@@ -46,7 +47,7 @@ class FakeProcessor:
         self.most_running = 0
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, text: str) -> list[float]:
+    async def __call__(self, text: str, deadline: float | None = None) -> list[float]:
         self.calls.append(text)
         self.running += 1
         self.most_running = max(self.most_running, self.running)

@@ -9,13 +9,15 @@ from typing import Any, Literal, Protocol
 
 JobStatus = Literal["pending", "done", "failed"]
 
-# Embeds one text; raises proxy.errors.ApiError on failure. Results are plain float lists
-# (stores serialise them).
-Processor = Callable[[str], Awaitable[Sequence[float]]]
+# Embeds one text by a deadline (on time.monotonic(): the end of the job's lifetime);
+# raises proxy.errors.ApiError on failure. Stores retry the temporary ones
+# (proxy.jobs.retry). Results are plain float lists (stores serialise them).
+Processor = Callable[[str, float], Awaitable[Sequence[float]]]
 
 
 class JobQueueFullError(Exception):
-    """The store holds its maximum of unfinished jobs; the caller should retry later (429)."""
+    """The store holds its maximum of unfinished jobs (in number or in bytes); the caller
+    should retry later (429)."""
 
 
 class JobStoreUnavailableError(Exception):
@@ -40,7 +42,8 @@ class JobStore(Protocol):
         ...
 
     async def submit(self, text: str) -> str:
-        """Accept a job; return its unguessable prediction id. Raises JobQueueFullError."""
+        """Accept a job; return its unguessable prediction id. Raises JobQueueFullError
+        (and may evict the oldest finished records to make room)."""
         ...
 
     async def get(self, prediction_id: str) -> JobRecord | None:
