@@ -1,4 +1,4 @@
-"""``python -m proxy``: read settings (CLI flags > env vars > .env), then serve."""
+"""``python -m proxy``: read settings (CLI flags > env vars > .env), bind, then serve."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
-from proxy.server import run
+from proxy.server import ListenError, bind_listener, run
 from proxy.settings import Settings, describe_validation_error
 from proxy.workers import configure_logging, run_workers
 
@@ -27,11 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
+    try:
+        # Before anything else starts (model, upstream, workers): a taken port is one line.
+        sock = bind_listener(settings)
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings)
     if settings.workers > 1:
-        return run_workers(settings)
+        return run_workers(settings, sock)
     try:
-        run(settings)
+        run(settings, sock=sock)
     except RuntimeError as exc:  # start-up failures we can explain, e.g. a refused API key
         logging.getLogger("proxy").error("%s", exc)
         return 1

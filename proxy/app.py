@@ -8,12 +8,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Middleware
 
 from proxy import errors
 from proxy.errors import ApiError, ErrorType
 from proxy.http import add_routes
-from proxy.http.common import bearer_matches, error_response, error_response_for
+from proxy.http.common import (
+    bearer_matches,
+    error_response,
+    error_response_for,
+    escape_for_log,
+    request_id,
+)
 from proxy.http.docs import PUBLIC_DOCS_ROUTES
 from proxy.http.keys import DRAINING, JOBS, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
@@ -24,6 +31,7 @@ from proxy.settings import Settings
 from proxy.upstream.base import EmbedOptions, Upstream
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("proxy.access")
 
 SHUTTING_DOWN = "proxy is shutting down"
 
@@ -76,18 +84,56 @@ def _needs_key(request: web.Request) -> bool:
     return (method, request.path) not in PUBLIC_ROUTES
 
 
-def _front_middleware(metrics: Metrics, api_key: str | None) -> Middleware:
-    """Metrics, access control, draining and error rendering in one middleware: every held
-    request keeps one coroutine frame per middleware alive, so one frame instead of four saves
-    memory when thousands of requests wait (benchmarks/ scenario f)."""
+class BodyReadTimeoutError(TimeoutError):
+    """The client did not send its whole body within BODY_READ_TIMEOUT. A TimeoutError, so
+    aiohttp's lingering read of the unread body, after our 408, ends quietly."""
+
+
+def _expire_body(content: StreamReader) -> None:
+    if not content.is_eof():
+        content.set_exception(BodyReadTimeoutError())  # wakes the handler's read
+
+
+def _log_access(
+    request: web.Request, rid: str, status: int, size: int | None, started: float
+) -> None:
+    access_log.info(
+        '%s %s "%s %s" %d %s %.1fms',
+        rid,
+        escape_for_log(request.remote or "-"),
+        escape_for_log(request.method),
+        escape_for_log(request.raw_path),  # as sent, %-escapes kept; never raw control chars
+        status,
+        "-" if size is None else size,
+        (time.perf_counter() - started) * 1000,
+    )
+
+
+def _front_middleware(metrics: Metrics, api_key: str | None, settings: Settings) -> Middleware:
+    """Metrics, access control, draining, body read bound, request ids, the access log and
+    error rendering in one middleware: every held request keeps one coroutine frame per
+    middleware alive, so one frame instead of several saves memory when thousands of requests
+    wait (benchmarks/ scenario f)."""
+    body_timeout_s = settings.body_read_timeout
+    log_access = settings.access_log
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         started = time.perf_counter()
+        rid = request_id(request)
         draining = request.app[DRAINING]
         response: web.StreamResponse
+        # A body still arriving must arrive within BODY_READ_TIMEOUT (slow clients hold a
+        # connection and a handler otherwise); the timer goes as soon as the body is in.
+        content = request.content
+        body_timer = None
+        if not content.is_eof():
+            body_timer = asyncio.get_running_loop().call_later(
+                body_timeout_s, _expire_body, content
+            )
+            content.on_eof(body_timer.cancel)
         try:
             if api_key is not None and _needs_key(request) and not bearer_matches(request, api_key):
                 response = web.Response(status=401)  # TEI: 401 with an empty body
@@ -98,23 +144,45 @@ def _front_middleware(metrics: Metrics, api_key: str | None) -> Middleware:
                 response = await handler(request)
         except ApiError as exc:
             response = error_response_for(request, exc)
+        except BodyReadTimeoutError:
+            response = error_response_for(
+                request,
+                ApiError(
+                    408,
+                    f"request body not received within BODY_READ_TIMEOUT={body_timeout_s:g}s",
+                    ErrorType.TIMEOUT,
+                ),
+            )
+            response.force_close()  # the rest of the body may still come: not a new request
         except web.HTTPException as exc:
+            exc.headers["X-Request-ID"] = rid
             metrics.requests.labels(route, str(exc.status)).inc()
+            if log_access:
+                _log_access(request, rid, exc.status, None, started)
             raise
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():
+                if log_access:  # 499: the client closed the connection (nginx's code)
+                    _log_access(request, rid, 499, None, started)
                 raise  # the caller left, or the server is cutting handlers: nobody to answer
             # Not us but a batch we waited on was cancelled: the service closed at the end
             # of a drain that ran out of SHUTDOWN_TIMEOUT. The caller still gets an answer.
             response = error_response_for(request, errors.unavailable(SHUTTING_DOWN))
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
+            log.exception("unhandled error on %s %s (request %s)", request.method, route, rid)
             response = error_response(ApiError(500, "internal error", ErrorType.BACKEND))
+        finally:
+            if body_timer is not None:
+                body_timer.cancel()
         if draining.is_set():
             response.force_close()  # clients reconnect, and find a serving replica
+        response.headers["X-Request-ID"] = rid
         metrics.requests.labels(route, str(response.status)).inc()
         metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        if log_access:
+            size = response.content_length if isinstance(response, web.Response) else None
+            _log_access(request, rid, response.status, size, started)
         return response
 
     return middleware
@@ -185,7 +253,7 @@ def create_app(
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app = web.Application(
         client_max_size=settings.payload_limit,
-        middlewares=[_front_middleware(metrics, api_key)],
+        middlewares=[_front_middleware(metrics, api_key, settings)],
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics

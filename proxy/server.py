@@ -1,19 +1,32 @@
-"""Serving with an explicit lifecycle: start, serve, drain on SIGTERM/SIGINT or POST /shutdown.
+"""Serving with an explicit lifecycle: bind, start, serve, drain on SIGTERM/SIGINT or
+POST /shutdown.
 
-On a stop request the listener stays open while the proxy drains, so `/health` can say
-"draining" (readiness false) and new requests get a clear 503 instead of a refused
-connection; queued items are dispatched and calls in flight awaited; then the process exits 0
-within SHUTDOWN_TIMEOUT.
+The listening socket is bound first, before anything is loaded or connected, so a taken port
+is one clear error at once. On a stop request the listener stays open while the proxy drains,
+so `/health` can say "draining" (readiness false) and new requests get a clear 503 instead of
+a refused connection; queued items are dispatched and calls in flight awaited for at most
+SHUTDOWN_TIMEOUT; whatever is left is answered 503; then the process exits 0.
+
+Slow and idle clients are bounded here too: KEEPALIVE_TIMEOUT (aiohttp's own knob),
+HEADER_READ_TIMEOUT and MAX_CONNECTIONS (small additions to aiohttp's connection handler,
+below). BODY_READ_TIMEOUT is enforced by the app's front middleware.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from proxy.app import close, create_app, drain
 from proxy.http.keys import SHUTDOWN
@@ -21,76 +34,313 @@ from proxy.settings import Settings
 
 log = logging.getLogger("proxy")
 
+_HEARTBEAT_INTERVAL_S = 1.0
+# How long a refused connection stays open to read what the client sent, so closing it does
+# not reset the connection before the client read our 503.
+_REFUSED_LINGER_S = 2.0
 
-def run(settings: Settings, *, reuse_port: bool = False) -> None:
+
+class ListenError(Exception):
+    """The proxy cannot listen where the settings say; the message is the one line to show."""
+
+
+def bind_listener(settings: Settings) -> socket.socket:
+    """Bind and listen on HOST:PORT, without SO_REUSEPORT: a port already in use is an error
+    here, before anything else starts, not a second server sharing the port silently."""
+    host, port = settings.host, settings.port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # SO_REUSEADDR only lets a restart bind over connections in TIME_WAIT; it never lets
+        # two listeners share the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(settings.backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"port {port} on {host} is already in use") from exc
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+@dataclass(frozen=True, slots=True)
+class Supervision:
+    """How a worker process talks to its supervisor (WORKERS > 1)."""
+
+    beat: Callable[[], None]  # called every second from the event loop: "not hung"
+    stop_all: Callable[[], None]  # POST /shutdown reached this worker: stop every worker
+    supervisor_alive: Callable[[], bool]
+
+
+def run(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    supervision: Supervision | None = None,
+) -> None:
     """Serve until stopped, on the event loop the settings ask for."""
+    main = serve(settings, sock=sock, supervision=supervision)
     if settings.event_loop == "uvloop":
         try:
             import uvloop
         except ImportError:
+            main.close()
             raise RuntimeError(
                 "EVENT_LOOP=uvloop, but uvloop is not installed: pip install '.[fast]'"
             ) from None
-        uvloop.run(serve(settings, reuse_port=reuse_port))
+        uvloop.run(main)
         return
-    asyncio.run(serve(settings, reuse_port=reuse_port))
+    asyncio.run(main)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+# -- connection handling: header read bound and connection cap ------------------------------
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, plus a bound on the time a request's headers may take
+    once their first byte arrived (aiohttp has none: a client sending a byte a second keeps
+    its connection for the whole keep-alive timeout)."""
+
+    def __init__(self, manager: _Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._counted = True  # released once, in connection_lost
+
+    def _reading_headers(self) -> bool:
+        # Idle (no request being handled, none parsed and waiting) although bytes came:
+        # the parser holds the beginning of a request whose headers are not complete.
+        return not self._request_in_progress and not self._messages and not self._force_close
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not data:
+            return
+        if self._reading_headers():
+            if self._header_timer is None:
+                self._header_timer = self._loop.call_later(
+                    self._header_timeout_s, self._headers_too_slow
+                )
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._reading_headers() and self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if self._counted:
+            self._counted = False
+            self._limits.open_connections -= 1
+        super().connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: answered 503 at once and closed. What the client
+    sends meanwhile is read and dropped, so closing does not reset the connection before the
+    client has read the answer."""
+
+    def __init__(self, response: bytes) -> None:
+        self._response = response
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(self._response)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_REFUSED_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _refusal() -> bytes:
+    body = orjson.dumps({"error": "too many open connections", "error_type": "Overloaded"})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making :class:`_Handler` connections up to a cap."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        max_connections: int,
+        header_timeout_s: float,
+        request_factory: Any,
+        handler_cancellation: bool,
+        **handler_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,
+            request_factory=request_factory,
+            handler_cancellation=handler_cancellation,
+            **handler_kwargs,
+        )
+        self._handler_kwargs = handler_kwargs
+        self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
+        self._refusal = _refusal()
+        self.open_connections = 0
+
+    def __call__(self) -> RequestHandler:
+        if self.open_connections >= self._max_connections:
+            return _Refused(self._refusal)  # type: ignore[return-value]
+        # Counted when made, not when connected: a burst is accepted within one loop turn.
+        self.open_connections += 1
+        return _Handler(
+            self,
+            loop=asyncio.get_running_loop(),
+            header_timeout_s=self._header_timeout_s,
+            **self._handler_kwargs,
+        )
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose server is :class:`_Server`."""
+
+    def __init__(
+        self, app: web.Application, *, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # runs the app's start-up and freezes it
+        kwargs = dict(self._kwargs)  # handler_cancellation, access_log, keepalive_timeout, ...
+        return _Server(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=kwargs.pop("handler_cancellation", False),
+            max_connections=self._max_connections,
+            header_timeout_s=self._header_timeout_s,
+            **kwargs,
+        )
+
+
+# -- the lifecycle ---------------------------------------------------------------------------
+
+
+async def _supervised(supervision: Supervision, stop: asyncio.Event) -> None:
+    # A loop that stops turning stops beating: the supervisor restarts the worker. A worker
+    # whose supervisor died stops too, rather than serve on unsupervised.
+    while True:
+        supervision.beat()
+        if not supervision.supervisor_alive():
+            log.warning("the supervisor is gone: stopping")
+            stop.set()
+            return
+        await asyncio.sleep(_HEARTBEAT_INTERVAL_S)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    supervision: Supervision | None = None,
+) -> None:
+    if sock is None:
+        sock = bind_listener(settings)
     app = create_app(settings)
     stop = app[SHUTDOWN]
+    by_signal = False
+
+    def on_signal() -> None:
+        nonlocal by_signal
+        by_signal = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    beating = (
+        asyncio.ensure_future(_supervised(supervision, stop)) if supervision is not None else None
+    )
 
     # The drain gets most of SHUTDOWN_TIMEOUT; the rest lets handlers write their answers
     # once the runner stops, so the whole shutdown stays within the setting. The runner waits
     # up to twice its shutdown_timeout (for handlers, then for their cancellation).
     finish_s = min(2.0, settings.shutdown_timeout * 0.2)
     drain_s = settings.shutdown_timeout - finish_s
-    runner = web.AppRunner(
+    runner = _Runner(
         app,
         handler_cancellation=True,  # a caller that disconnects is dropped from the queue
-        access_log=None,
+        access_log=None,  # the app's middleware logs requests (ACCESS_LOG)
         shutdown_timeout=finish_s / 2,
+        keepalive_timeout=settings.keepalive_timeout,
+        max_connections=settings.max_connections,
+        header_timeout_s=settings.header_read_timeout,
     )
-    # Start-up may wait a long time for TEI to load its model; a stop request must still work.
-    setup = asyncio.ensure_future(runner.setup())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({setup, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if not setup.done():
-        log.info("stop requested during start-up")
-        setup.cancel()
-        await asyncio.gather(setup, return_exceptions=True)
+    try:
+        # Start-up may wait a long time for TEI to load its model; a stop request must work.
+        setup = asyncio.ensure_future(runner.setup())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({setup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not setup.done():
+            log.info("stop requested during start-up")
+            setup.cancel()
+            await asyncio.gather(setup, return_exceptions=True)
+            await runner.cleanup()
+            return
+        stopped.cancel()
+        setup.result()  # re-raise a start-up failure
+
+        site = web.SockSite(runner, sock, backlog=settings.backlog)
+        await site.start()
+        log.info(
+            "listening on http://%s:%d (upstream: %s)",
+            settings.host,
+            settings.port,
+            settings.effective_upstream_kind,
+        )
+        await stop.wait()
+        if supervision is not None and not by_signal and supervision.supervisor_alive():
+            # POST /shutdown reached this worker: the whole server drains, not one worker
+            # that the supervisor would then restart.
+            supervision.stop_all()
+
+        started = time.monotonic()
+        log.info("draining: finishing accepted work (up to %.1fs)", settings.shutdown_timeout)
+        # Exactly one drain, bounded; the app's own cleanup later finds it done.
+        if not await drain(app, drain_s):
+            log.warning("SHUTDOWN_TIMEOUT reached: answering what is left with 503")
+        # Closing the service fails whatever is still queued or in flight, so every waiting
+        # handler has an answer to write while its connection is still open; only then does
+        # the runner close the connections.
+        await close(app)
         await runner.cleanup()
-        return
-    stopped.cancel()
-    setup.result()  # re-raise a start-up failure
-
-    site = web.TCPSite(
-        runner,
-        settings.host,
-        settings.port,
-        backlog=settings.backlog,
-        reuse_port=reuse_port or None,
-    )
-    await site.start()
-    log.info(
-        "listening on http://%s:%d (upstream: %s)",
-        settings.host,
-        settings.port,
-        settings.effective_upstream_kind,
-    )
-    await stop.wait()
-
-    started = time.monotonic()
-    log.info("draining: finishing accepted work (up to %.1fs)", settings.shutdown_timeout)
-    # Exactly one drain, bounded; the app's own cleanup later finds it done.
-    if not await drain(app, drain_s):
-        log.warning("SHUTDOWN_TIMEOUT reached: answering what is left with 503")
-    # Closing the service fails whatever is still queued or in flight, so every waiting
-    # handler has an answer to write while its connection is still open; only then does the
-    # runner close the connections.
-    await close(app)
-    await runner.cleanup()
-    log.info("stopped after draining for %.2fs", time.monotonic() - started)
+        log.info("stopped after draining for %.2fs", time.monotonic() - started)
+    finally:
+        if beating is not None:
+            beating.cancel()
+        sock.close()

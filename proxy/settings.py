@@ -76,8 +76,14 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         validation_alias=AliasChoices("workers", "model_server_workers"),
-        description="Serving processes sharing the port (SO_REUSEPORT); each batches on its "
+        description="Serving processes sharing one listening socket; each batches on its "
         "own. Alias: MODEL_SERVER_WORKERS.",
+    )
+    worker_heartbeat_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="WORKERS > 1: seconds a worker's event loop may go without a heartbeat "
+        "before the supervisor kills and restarts it.",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
@@ -86,6 +92,34 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
+    )
+    access_log: bool = Field(
+        False,
+        description="Log one line per request (logger proxy.access), with its request id.",
+    )
+    keepalive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="Seconds an idle keep-alive connection stays open. Keep it above the "
+        "idle timeout of a load balancer in front (60 s on AWS's ALB), so the balancer closes "
+        "idle connections first.",
+    )
+    header_read_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client may take to send a request's headers, from their first "
+        "byte; past it the connection is closed.",
+    )
+    body_read_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client may take to send a request's body; 408 past it.",
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="Open client connections per serving process; past it a new connection "
+        "is answered 503 and closed, while the open ones keep working.",
     )
 
     # -- batching -------------------------------------------------------------------------

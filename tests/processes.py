@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -94,13 +93,6 @@ class LogLines:
     @property
     def text(self) -> str:
         return "".join(self.lines)
-
-    def worker_pids(self) -> dict[int, int]:
-        """The newest pid the supervisor reported for each worker index."""
-        return {
-            int(m[1]): int(m[2])
-            for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", self.text)
-        }
 
 
 async def start_double(aiohttp_server: Any, **config: Any) -> tuple[TeiDouble, str]:

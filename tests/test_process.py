@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -107,3 +108,27 @@ async def test_uvloop_event_loop_serves(aiohttp_server: Any, unused_tcp_port: in
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         await stop(proc)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_taken_port_is_one_line_and_a_failed_start(
+    aiohttp_server: Any, unused_tcp_port: int, workers: str
+) -> None:
+    _, upstream = await start_double(aiohttp_server)
+    with socket.create_server(("127.0.0.1", unused_tcp_port)):  # someone else has the port
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "--host", "127.0.0.1",
+            "--port", str(unused_tcp_port), "--upstream-url", upstream,
+            cwd=ROOT, env=proxy_env(WORKERS=workers), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            await stop(proc)
+    assert proc.returncode not in (0, None)
+    # Before anything else started: one line on stderr, no traceback, nothing logged.
+    assert err.decode().splitlines() == [
+        f"error: port {unused_tcp_port} on 127.0.0.1 is already in use"
+    ]
+    assert out == b""

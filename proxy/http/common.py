@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import re
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -57,3 +59,23 @@ def bearer_matches(request: web.Request, expected: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+# An incoming X-Request-ID is kept only when it is short and made of safe characters, so it
+# can go into logs and headers as is; anything else is replaced by a fresh id.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:=+/@-]{1,128}")
+_UNSAFE_IN_LOG = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-ID")
+    if incoming is not None and _SAFE_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def escape_for_log(text: str) -> str:
+    """``text`` with control characters, quotes, backslashes and non-ASCII escaped, so a
+    client-chosen string (a path) cannot start a new log line or fake a field."""
+    text = _UNSAFE_IN_LOG.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    return text.encode("ascii", "backslashreplace").decode("ascii")
