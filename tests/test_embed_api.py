@@ -194,6 +194,51 @@ async def test_bad_input_gets_tei_errors(
     assert len(tei_double.calls) == calls_before, "bad input must never reach the upstream"
 
 
+DESERIALIZE = "Failed to deserialize the JSON body into the target type: "
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        ("/embed", {"inputs": 123}, "inputs: expected a string, a list of token ids, or a list "
+         "of strings and token-id lists, got an integer"),
+        ("/embed", {"inputs": ["a", {"x": 1}]},
+         "inputs[1]: expected a string or a list of token ids, got an object"),
+        ("/embed", {"inputs": [[1, 2], [3, -4]]},
+         "inputs[1][1]: token ids must be integers in 0..4294967295, got -4"),
+        ("/embed", {"inputs": [1, "a"]},
+         "inputs[1]: token ids must be integers in 0..4294967295, got 'a'"),
+        ("/embed", {"inputs": "x", "normalize": "yes"},
+         "normalize: expected a boolean, got a string"),
+        ("/embed", {"inputs": "x", "truncation_direction": "up"},
+         "truncation_direction: unknown variant 'up', expected 'Left', 'Right', 'left' or 'right'"),
+        ("/embed", {"inputs": "x", "dimensions": -1}, "dimensions: expected a value >= 1, got -1"),
+        ("/embed", {"inputs": "x", "dimensions": 4.0},
+         "dimensions: expected an integer, got a number"),
+        ("/embed", {"normalize": True}, "missing field `inputs`"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": ""},
+         "encoding_format: unknown variant '', expected 'float' or 'base64'"),
+        ("/v1/embeddings", {"input": "x", "user": 1}, "user: expected a string, got an integer"),
+        ("/predict", {"input": ["x"]}, "input: expected a string, got a list"),
+        ("/predict", "x", "expected a JSON object, got a string"),
+    ],
+)  # fmt: skip
+async def test_wrong_shapes_name_the_field_and_what_was_expected(
+    start_proxy: ProxyFactory, tei_double: TeiDouble, route: str, body: Any, message: str
+) -> None:
+    """Strict as TEI's serde ("8" is no integer, 4.0 no token id), with the path of the
+    offending value; the body on /v1/embeddings is OpenAI's."""
+    client = await start_proxy()
+    resp = await client.post(route, json=body)
+    assert resp.status == 422
+    err = await resp.json()
+    if route == "/v1/embeddings":
+        assert err == {"message": DESERIALIZE + message, "code": 422, "type": "Validation"}
+    else:
+        assert err == {"error": DESERIALIZE + message, "error_type": "Validation"}
+    assert tei_double.calls == []
+
+
 async def test_malformed_json_is_400(start_proxy: ProxyFactory) -> None:
     client = await start_proxy()
     resp = await client.post(

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from proxy import errors
 from proxy.errors import ApiError
 from proxy.http.common import deadline_for, json_response
 from proxy.http.keys import SERVICE, SETTINGS
+from proxy.http.models import BatchRequest
 from proxy.http.parsing import read_json, type_name
 from proxy.upstream.base import EmbedOptions
 
@@ -27,6 +29,8 @@ def _named(ids: list[str]) -> str:
 
 
 def parse_batch(body: Any, max_items: int) -> tuple[list[str], list[str]]:
+    """``[{"id", "data"}]`` as its ids and texts. The count is checked before any item is
+    read; every malformed item is named, not just the first."""
     if not isinstance(body, list):
         raise errors.validation(
             f'expected a JSON list of {{"id", "data"}} objects, got {type_name(body)}'
@@ -35,22 +39,19 @@ def parse_batch(body: Any, max_items: int) -> tuple[list[str], list[str]]:
         raise errors.empty_input()
     if len(body) > max_items:
         raise errors.batch_too_large(len(body), max_items)
-    bad: list[str] = []
-    ids: list[str] = []
-    texts: list[str] = []
-    for index, item in enumerate(body):
-        item_id = item.get("id") if isinstance(item, dict) else None
-        data = item.get("data") if isinstance(item, dict) else None
-        if not isinstance(item_id, str) or not isinstance(data, str):
+    try:
+        items = BatchRequest.model_validate(body).root
+    except ValidationError as exc:
+        bad_positions = sorted({e["loc"][0] for e in exc.errors() if isinstance(e["loc"][0], int)})
+        bad: list[str] = []
+        for index in bad_positions:
+            item_id = body[index].get("id") if isinstance(body[index], dict) else None
             bad.append(item_id if isinstance(item_id, str) else f"#{index}")
-            continue
-        ids.append(item_id)
-        texts.append(data)
-    if bad:
         raise errors.validation(
             f"items without a string `id` and a string `data` (ids, or #position where the "
             f"id is missing): {_named(bad)}"
-        )
+        ) from None
+    ids = [item["id"] for item in items]
     seen: set[str] = set()
     duplicates: list[str] = []
     for item_id in ids:
@@ -59,7 +60,7 @@ def parse_batch(body: Any, max_items: int) -> tuple[list[str], list[str]]:
         seen.add(item_id)
     if duplicates:
         raise errors.validation(f"duplicate ids: {_named(duplicates)}")
-    return ids, texts
+    return ids, [item["data"] for item in items]
 
 
 async def batch(request: web.Request) -> web.Response:

@@ -15,8 +15,16 @@ from aiohttp import web
 
 from proxy.errors import ApiError
 from proxy.http.common import OPENAI_PATHS, deadline_for, json_response, openai_error_response
-from proxy.http.keys import SERVICE
-from proxy.http.parsing import parse_inputs, read_json, type_name, unprocessable
+from proxy.http.keys import SERVICE, SETTINGS
+from proxy.http.models import EmbeddingRequest
+from proxy.http.parsing import (
+    DEFAULT_OPTIONS,
+    as_inputs,
+    check_input_count,
+    read_json,
+    require_object,
+    validate,
+)
 from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
 
 _CHARS_PER_TOKEN = 4  # the usual estimate for English text; see usage below
@@ -39,36 +47,30 @@ def _estimate_tokens(item: EmbedInput) -> int:
     return max(1, math.ceil(len(item) / _CHARS_PER_TOKEN))
 
 
-def parse_openai_request(body: Any) -> tuple[list[EmbedInput], EmbedOptions, str, str | None]:
-    if not isinstance(body, dict):
-        raise unprocessable(f"expected a JSON object, got {type_name(body)}")
-    if "input" not in body:
-        raise unprocessable("missing field `input`")
-    inputs = parse_inputs(body["input"], field="input")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise unprocessable(
-            f"encoding_format: unknown variant {encoding!r}, expected `float` or `base64`"
-        )
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (
-        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
-    ):
-        raise unprocessable(f"dimensions: expected a non-negative integer, got {dimensions!r}")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise unprocessable(f"model: expected a string, got {type_name(model)}")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise unprocessable(f"user: expected a string, got {type_name(user)}")
+def parse_openai_request(
+    body: Any, max_inputs: int | None = None
+) -> tuple[list[EmbedInput], EmbedOptions, str, str | None]:
+    """OpenAI's embeddings request; ``max_inputs`` (MAX_CLIENT_BATCH_SIZE) is checked before
+    the inputs are validated."""
+    if type(body) is dict and len(body) == 1 and type(body.get("input")) is str:
+        return [body["input"]], DEFAULT_OPTIONS, "float", None  # the common body: no options
+    check_input_count(require_object(body, "input")["input"], max_inputs)
+    request = validate(EmbeddingRequest, body)
     # TEI fixes every other option on this route: auto-truncate, right, no prompt, normalised.
-    return inputs, EmbedOptions(dimensions=dimensions), encoding, model
+    options = (
+        DEFAULT_OPTIONS
+        if request.dimensions is None
+        else EmbedOptions(dimensions=request.dimensions)
+    )
+    return as_inputs(request.input), options, request.encoding_format or "float", request.model
 
 
 async def openai_embeddings(request: web.Request) -> web.Response:
     try:
         body = await read_json(request)
-        inputs, options, encoding, _model = parse_openai_request(body)
+        inputs, options, encoding, _model = parse_openai_request(
+            body, request.app[SETTINGS].max_client_batch_size
+        )
         service = request.app[SERVICE]
         vectors = await service.embed(inputs, options, deadline=deadline_for(request))
     except ApiError as exc:

@@ -16,7 +16,8 @@ from proxy import errors
 from proxy.errors import ErrorType
 from proxy.http.common import deadline_for, json_response
 from proxy.http.keys import JOBS, SERVICE, SETTINGS
-from proxy.http.parsing import read_json, type_name, unprocessable
+from proxy.http.models import PredictRequest
+from proxy.http.parsing import read_json, require_object, validate
 from proxy.jobs.base import JobQueueFullError, JobStoreUnavailableError
 from proxy.upstream.base import EmbedOptions, Vector
 
@@ -31,16 +32,10 @@ def as_floats(vec: Vector) -> list[float]:
 
 
 def _parse(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise unprocessable(f"expected a JSON object, got {type_name(body)}")
-    if "input" not in body:
-        raise unprocessable("missing field `input`")
-    text = body["input"]
-    if not isinstance(text, str):
-        raise unprocessable(f"input: expected a string, got {type_name(text)}")
-    if text == "":
-        raise errors.empty_input()
-    return text
+    if type(body) is dict and len(body) == 1 and type(body.get("input")) is str and body["input"]:
+        return str(body["input"])  # the common body: nothing else to validate
+    require_object(body, "input")
+    return validate(PredictRequest, body).input
 
 
 def _is_async(request: web.Request) -> bool:
