@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.app import close, create_app, drain
@@ -111,29 +112,35 @@ class _Handler(RequestHandler):
         self._limits = manager
         self._header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # of the last request parsed
         self._counted = True  # released once, in connection_lost
 
-    def _reading_headers(self) -> bool:
-        # Idle (no request being handled, none parsed and waiting) although bytes came:
-        # the parser holds the beginning of a request whose headers are not complete.
-        return not self._request_in_progress and not self._messages and not self._force_close
-
     def data_received(self, data: bytes) -> None:
+        in_body = self._body is not None and not self._body.is_eof()
+        parsed = self._request_count
         super().data_received(data)
         if not data:
             return
-        if self._reading_headers():
-            if self._header_timer is None:
-                self._header_timer = self._loop.call_later(
-                    self._header_timeout_s, self._headers_too_slow
-                )
-        elif self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._request_count > parsed:  # a request's headers are complete
+            if self._messages:
+                self._body = self._messages[-1][1]
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif not in_body and self._header_timer is None:
+            # Bytes that are neither a body nor a whole request: headers have begun.
+            self._header_timer = self._loop.call_later(
+                self._header_timeout_s, self._headers_too_slow, self._request_count
+            )
 
-    def _headers_too_slow(self) -> None:
+    def _headers_too_slow(self, parsed: int) -> None:
         self._header_timer = None
-        if self._reading_headers() and self.transport is not None:
+        if (
+            self._request_count == parsed  # still not complete
+            and not self._request_in_progress  # pipelined behind a request: not idle
+            and not self._messages
+            and self.transport is not None
+        ):
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
             )

@@ -93,6 +93,29 @@ async def test_headers_sent_one_byte_a_second_are_cut_off(start: StartProxy) -> 
             assert resp.status == 200
 
 
+async def test_the_header_bound_leaves_idle_keepalive_connections_alone(
+    start: StartProxy,
+) -> None:
+    # Between requests a connection is idle, not slow: only KEEPALIVE_TIMEOUT applies.
+    port = await start(HEADER_READ_TIMEOUT="1", KEEPALIVE_TIMEOUT="60")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        body = b'{"inputs": "split body"}'
+        writer.write(
+            b"POST /embed HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the body comes as bytes of its own
+        writer.write(body)
+        assert (await read_response(reader))[0] == 200
+        assert not await closed_within(reader, 2.5)  # idle past HEADER_READ_TIMEOUT
+        writer.write(HEALTH)
+        assert (await read_response(reader))[0] == 200
+    finally:
+        writer.close()
+
+
 async def test_a_body_that_never_arrives_gets_408(start: StartProxy) -> None:
     port = await start(BODY_READ_TIMEOUT="1", KEEPALIVE_TIMEOUT="60")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
