@@ -36,6 +36,7 @@ from proxy.resilience import (
     classify,
 )
 from proxy.settings import Settings
+from proxy.token_ids import fit_token_ids
 from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class _UpstreamMetrics:
 
     def breaker_opened(self) -> None:
         self._breaker_opened.inc()
+
+
+def _is_item_fault(exc: BaseException) -> bool:
+    """An error that belongs to one item (the upstream refused that input); anything else
+    says the upstream, the proxy or the request as a whole failed."""
+    return isinstance(exc, ApiError) and classify(exc) is Fault.ITEM
 
 
 def input_cost(item: EmbedInput) -> int:
@@ -242,6 +249,13 @@ class EmbeddingService:
         limit = self.settings.max_client_batch_size
         if len(inputs) > limit:
             raise errors.batch_too_large(len(inputs), limit)
+        queue_limit = self.settings.max_queue_size
+        if len(inputs) > queue_limit:
+            # It could never be queued, however long the caller waits: not a 429.
+            raise errors.validation(
+                f"batch size {len(inputs)} > MAX_QUEUE_SIZE={queue_limit}: the proxy never "
+                "queues more items than that at once"
+            )
         unsupported = self.upstream.unsupported(options)
         if unsupported is not None:
             raise errors.validation(unsupported)
@@ -281,15 +295,17 @@ class EmbeddingService:
         on its first failing item.
         """
         self.validate(inputs, options)
+        inputs = fit_token_ids(inputs, options, self.info)  # cut or refuse long id lists
         results = await self._run(inputs, options, deadline, fail_fast=True)
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def embed_each(
         self, inputs: Sequence[EmbedInput], options: EmbedOptions, *, deadline: float
     ) -> list[Vector | ApiError]:
-        """Like :meth:`embed`, but an item that fails on its own gets its error in its slot
-        while the others succeed. Faults of the whole request (overload, shutdown, timeout)
-        still raise."""
+        """Like :meth:`embed`, but an item that fails on its own (the proxy's validation, or the
+        upstream refusing that input) gets its error in its slot while the others succeed.
+        Any other fault (overload, an unwell upstream, the breaker, shutdown, timeout) fails
+        the whole request at once."""
         self._validate_request(inputs, options)
         slots: list[Vector | ApiError | None] = []
         valid: list[EmbedInput] = []
@@ -308,6 +324,7 @@ class EmbeddingService:
                 out.append(slot)
                 continue
             result = next(results)
+            # _run raised every fault that is not one item's: what is left is an ApiError.
             out.append(self._as_api_error(result) if isinstance(result, BaseException) else result)
         return out
 
@@ -345,7 +362,7 @@ class EmbeddingService:
             async with asyncio.timeout(remaining):
                 if fail_fast:
                     return list(await asyncio.gather(*futures))
-                return list(await asyncio.gather(*futures, return_exceptions=True))
+                return await self._gather_item_faults(futures)
         except TimeoutError as exc:
             raise errors.timeout(
                 f"request took longer than REQUEST_TIMEOUT={self.settings.request_timeout:g}s"
@@ -365,6 +382,26 @@ class EmbeddingService:
             for fut in futures:
                 if not fut.done():
                     fut.cancel()
+
+    @staticmethod
+    async def _gather_item_faults(
+        futures: list[asyncio.Future[Vector]],
+    ) -> list[Vector | BaseException]:
+        """Wait for every item; keep item faults in their slots, but raise the first fault
+        of any other kind at once (the caller's finally cancels the rest)."""
+        pending: set[asyncio.Future[Vector]] = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                if fut.cancelled():
+                    raise errors.unavailable("proxy is shutting down")
+                exc = fut.exception()
+                if exc is not None and not _is_item_fault(exc):
+                    for other in futures:  # retrieved, so asyncio does not log them
+                        if other.done() and not other.cancelled():
+                            other.exception()
+                    raise exc
+        return [fut.exception() or fut.result() for fut in futures]
 
     @staticmethod
     def _as_api_error(exc: BaseException) -> ApiError:

@@ -105,13 +105,23 @@ async def test_full_queue_answers_429_at_once(
     assert all(status == 200 for status, _, _ in results)
 
 
-async def test_list_that_does_not_fit_is_refused_whole(
+async def test_list_that_does_not_fit_now_is_refused_whole(
     start_proxy: ProxyFactory, tei_double: TeiDouble
 ) -> None:
-    client = await start_proxy(max_queue_size=10)
-    resp = await client.post("/embed", json={"inputs": [f"t{i}" for i in range(11)]})
+    # A list that could fit an empty queue but not what is free now: 429, and none of its
+    # items is queued. (A list longer than the whole queue is a 422: tests/test_faults_batch.)
+    client = await start_proxy(max_queue_size=10, max_concurrent_batches=1)
+    tei_double.config.delay_base_s = 0.5
+    first = asyncio.ensure_future(post_embed(client, "in flight"))
+    await asyncio.sleep(0.1)
+    queued = [asyncio.ensure_future(post_embed(client, f"queued {i}")) for i in range(5)]
+    await asyncio.sleep(0.05)
+    listed = [f"listed {i}" for i in range(6)]
+    resp = await client.post("/embed", json={"inputs": listed})
     assert resp.status == 429
-    assert tei_double.calls == []
+    results = await asyncio.gather(first, *queued)
+    assert all(status == 200 for status, _, _ in results)
+    assert not texts_sent(tei_double) & set(listed)
 
 
 # -- upstream faults -------------------------------------------------------------------------

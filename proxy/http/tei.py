@@ -19,16 +19,20 @@ from proxy.openapi import build_openapi
 async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await read_json(request)
-    inputs, options = parse_embed_request(body)
-    vectors = await request.app[SERVICE].embed(inputs, options, deadline=deadline_for(request))
+    inputs, options = parse_embed_request(body, request.app[SETTINGS].max_client_batch_size)
+    service = request.app[SERVICE]
+    vectors = await service.embed(inputs, options, deadline=deadline_for(request))
     elapsed_ms = str(int((time.perf_counter() - started) * 1000))
     # TEI's response metadata headers (router/src/lib.rs), so clients that read them still can.
     headers = {
-        "x-compute-type": "gpu+optimized",
         "x-compute-time": elapsed_ms,
         "x-total-time": elapsed_ms,
         "x-compute-characters": str(sum(len(i) for i in inputs)),
     }
+    # The upstream's own word (TEI's header, or `cpu` for the embedded model), never a claim.
+    compute_type = service.upstream.compute_type
+    if compute_type is not None:
+        headers["x-compute-type"] = compute_type
     return json_response(vectors, headers=headers)
 
 

@@ -92,6 +92,7 @@ class EmbeddedUpstream(SingleServerUpstream):
     the event loop stays free while a batch runs."""
 
     kind = "embedded"
+    compute_type = "cpu"  # TEI's x-compute-type, told truthfully: onnxruntime on the CPU
 
     def __init__(
         self,
