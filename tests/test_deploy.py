@@ -655,3 +655,14 @@ def test_readme_names_only_real_settings_variables_and_files() -> None:
         if kind in {"Deployment", "Service", "ConfigMap", "Secret"}:
             assert f"`{name}`" in text, f"the README omits {kind} {name}"
     assert "docker compose up" in text and "kubectl apply -k deploy/k8s" in text
+
+
+def test_proxy_probes_ask_over_http() -> None:
+    # The proxy binds its port before the upstream is up (a taken port must fail fast), so a
+    # TCP probe would pass while nothing answers yet and liveness would then kill the pod
+    # during TEI's model download: every probe must be an HTTP one.
+    doc = load_yaml(ROOT / "deploy" / "k8s" / "proxy-deployment.yaml")
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "httpGet" in container[probe], probe
+        assert "tcpSocket" not in container[probe], probe
