@@ -7,9 +7,10 @@ import sys
 
 from pydantic import ValidationError
 
+from proxy.logs import configure_logging
 from proxy.server import ListenError, bind_listener, run
 from proxy.settings import Settings, describe_validation_error
-from proxy.workers import configure_logging, run_workers
+from proxy.workers import run_workers
 
 
 def load_settings(argv: list[str]) -> Settings:

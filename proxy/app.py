@@ -6,13 +6,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Middleware
 
 from proxy import errors
+from proxy.capture import CaptureWriter, Sampler
 from proxy.errors import ApiError, ErrorType
+from proxy.hooks import Hooks, as_hook, load_hook
 from proxy.http import add_routes
 from proxy.http.common import (
     bearer_matches,
@@ -22,13 +25,19 @@ from proxy.http.common import (
     request_id,
 )
 from proxy.http.docs import PUBLIC_DOCS_ROUTES
-from proxy.http.keys import DRAINING, JOBS, METRICS, SERVICE, SETTINGS, SHUTDOWN
+from proxy.http.keys import DRAINING, JOBS, METRICS, OBSERVER, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
 from proxy.jobs.factory import build_job_store
+from proxy.logs import REQUEST_CONTEXT
 from proxy.metrics import Metrics
+from proxy.observe import OBSERVATION, Observer
 from proxy.service import EmbeddingService
 from proxy.settings import Settings
+from proxy.tracing import build_tracing
 from proxy.upstream.base import EmbedOptions, Upstream
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
@@ -97,19 +106,34 @@ def _expire_body(content: StreamReader) -> None:
 def _log_access(
     request: web.Request, rid: str, status: int, size: int | None, started: float
 ) -> None:
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    client = escape_for_log(request.remote or "-")
+    method = escape_for_log(request.method)
+    path = escape_for_log(request.raw_path)  # as sent, %-escapes kept; never raw control chars
     access_log.info(
         '%s %s "%s %s" %d %s %.1fms',
         rid,
-        escape_for_log(request.remote or "-"),
-        escape_for_log(request.method),
-        escape_for_log(request.raw_path),  # as sent, %-escapes kept; never raw control chars
+        client,
+        method,
+        path,
         status,
         "-" if size is None else size,
-        (time.perf_counter() - started) * 1000,
+        elapsed_ms,
+        # Fields of their own for LOG_FORMAT=json.
+        extra={
+            "client": client,
+            "method": method,
+            "path": path,
+            "status": status,
+            "bytes": size,
+            "duration_ms": round(elapsed_ms, 3),
+        },
     )
 
 
-def _front_middleware(metrics: Metrics, api_key: str | None, settings: Settings) -> Middleware:
+def _front_middleware(
+    metrics: Metrics, observer: Observer, api_key: str | None, settings: Settings
+) -> Middleware:
     """Metrics, access control, draining, body read bound, request ids, the access log and
     error rendering in one middleware: every held request keeps one coroutine frame per
     middleware alive, so one frame instead of several saves memory when thousands of requests
@@ -123,6 +147,10 @@ def _front_middleware(metrics: Metrics, api_key: str | None, settings: Settings)
         route = resource.canonical if resource is not None else "unmatched"
         started = time.perf_counter()
         rid = request_id(request)
+        # The request's record for handlers, hooks, tracing and its log lines.
+        obs = observer.begin(request, rid, route, started)
+        request[OBSERVATION] = obs
+        log_context = REQUEST_CONTEXT.set(obs)
         draining = request.app[DRAINING]
         response: web.StreamResponse
         # A body still arriving must arrive within BODY_READ_TIMEOUT (slow clients hold a
@@ -157,14 +185,18 @@ def _front_middleware(metrics: Metrics, api_key: str | None, settings: Settings)
         except web.HTTPException as exc:
             exc.headers["X-Request-ID"] = rid
             metrics.requests.labels(route, str(exc.status)).inc()
+            observer.end(obs, exc.status, time.perf_counter() - started)
             if log_access:
                 _log_access(request, rid, exc.status, None, started)
+            REQUEST_CONTEXT.reset(log_context)
             raise
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():
+                observer.end(obs, 499, time.perf_counter() - started)
                 if log_access:  # 499: the client closed the connection (nginx's code)
                     _log_access(request, rid, 499, None, started)
+                REQUEST_CONTEXT.reset(log_context)
                 raise  # the caller left, or the server is cutting handlers: nobody to answer
             # Not us but a batch we waited on was cancelled: the service closed at the end
             # of a drain that ran out of SHUTDOWN_TIMEOUT. The caller still gets an answer.
@@ -178,11 +210,14 @@ def _front_middleware(metrics: Metrics, api_key: str | None, settings: Settings)
         if draining.is_set():
             response.force_close()  # clients reconnect, and find a serving replica
         response.headers["X-Request-ID"] = rid
+        elapsed_s = time.perf_counter() - started
         metrics.requests.labels(route, str(response.status)).inc()
-        metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        metrics.request_duration.labels(route).observe(elapsed_s)
+        observer.end(obs, response.status, elapsed_s)
         if log_access:
             size = response.content_length if isinstance(response, web.Response) else None
             _log_access(request, rid, response.status, size, started)
+        REQUEST_CONTEXT.reset(log_context)
         return response
 
     return middleware
@@ -244,26 +279,84 @@ async def close(app: web.Application) -> None:
         await app[SERVICE].close()
 
 
+def _build_hooks(
+    settings: Settings, metrics: Metrics, writer: CaptureWriter | None
+) -> Hooks | None:
+    """HOOKS in order, then the sampler (last: it records what the others let through)."""
+    hooks = [load_hook(spec) for spec in settings.hook_specs]
+    if writer is not None:
+        hooks.append(as_hook("proxy.capture:Sampler", Sampler(writer, settings.sample_rate)))
+    if not hooks:
+        return None
+    return Hooks(
+        hooks,
+        timeout_s=settings.hook_timeout / 1000.0,
+        failure=settings.hook_failure,
+        metrics=metrics,
+    )
+
+
+def _build_capture(settings: Settings, metrics: Metrics) -> CaptureWriter | None:
+    if settings.sample_rate <= 0:
+        return None
+    counter = metrics.capture_records
+    return CaptureWriter(
+        settings.sample_path,
+        max_bytes=settings.sample_max_bytes,
+        max_files=settings.sample_max_files,
+        queue_size=settings.sample_queue_size,
+        with_text=settings.sample_text,
+        with_vectors=settings.sample_vectors,
+        count=lambda outcome: counter.labels(outcome).inc(),
+    )
+
+
+async def _refresh_metrics(metrics: Metrics) -> None:
+    # WORKERS > 1: callback gauges are copied where the other workers can read them.
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(1.0)
+
+
+async def _close_observer(observer: Observer, capture: CaptureWriter | None) -> None:
+    """After the service: write what capture still holds and flush spans, off the loop."""
+    loop = asyncio.get_running_loop()
+    if observer.hooks is not None:
+        observer.hooks.close()
+    if capture is not None:
+        await loop.run_in_executor(None, capture.close)
+    if observer.tracing is not None:
+        await loop.run_in_executor(None, observer.tracing.shutdown)
+
+
 def create_app(
     settings: Settings,
     *,
     upstream_factory: Callable[[Settings], Upstream] = build_upstream,
+    tracer_provider: TracerProvider | None = None,
 ) -> web.Application:
     metrics = Metrics()
+    capture = _build_capture(settings, metrics)
+    observer = Observer(
+        metrics, _build_hooks(settings, metrics, capture), build_tracing(tracer_provider)
+    )
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app = web.Application(
         client_max_size=settings.payload_limit,
-        middlewares=[_front_middleware(metrics, api_key, settings)],
+        middlewares=[_front_middleware(metrics, observer, api_key, settings)],
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[OBSERVER] = observer
     app[SHUTDOWN] = asyncio.Event()
     app[DRAINING] = asyncio.Event()
     app[_LIFECYCLE] = _Lifecycle()
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        service = EmbeddingService("default", upstream_factory(settings), settings, metrics)
+        service = EmbeddingService(
+            "default", upstream_factory(settings), settings, metrics, tracing=observer.tracing
+        )
         jobs = build_job_store(
             settings.job_store,
             max_jobs=settings.max_jobs,
@@ -290,14 +383,24 @@ def create_app(
             vectors = await service.embed([text], EmbedOptions(), deadline=deadline)
             return as_floats(vectors[0])
 
+        refresher = None
         try:
+            if capture is not None:
+                capture.start()
             await service.start()
             await jobs.start(run_job)
+            if metrics.multiprocess_dir is not None:
+                refresher = asyncio.ensure_future(_refresh_metrics(metrics))
             yield
             # serve() drained already; an app run some other way (tests) drains here, once.
             await drain(app, settings.shutdown_timeout)
         finally:
-            await close(app)
+            if refresher is not None:
+                refresher.cancel()
+            try:
+                await close(app)
+            finally:
+                await _close_observer(observer, capture)
 
     app.cleanup_ctx.append(lifecycle)
     return app

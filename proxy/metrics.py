@@ -1,6 +1,17 @@
-"""Prometheus metrics. Each app owns its own registry: no global state, tests stay isolated."""
+"""Prometheus metrics. Each app owns its own registry: no global state, tests stay isolated.
+
+With WORKERS > 1 the supervisor gives every worker one PROMETHEUS_MULTIPROC_DIR, and
+prometheus-client's multiprocess mode writes each worker's values to files there; whichever
+worker takes a scrape reads them all, so one scrape of /metrics counts every worker (a
+worker that exited keeps its counters; its gauges go). Gauges computed by a callback (queue
+depth, calls in flight) cannot be read across processes, so in that mode each worker copies
+them into plain values every second and before it answers a scrape (:meth:`Metrics.refresh`).
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,6 +21,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -32,12 +47,22 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 
 
+HOOK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The folder every worker's values go to, when this process is one of several workers."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.multiprocess_dir = multiprocess_dir()
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
         self.requests = Counter(
             "proxy_requests",
             "HTTP requests by route and status.",
@@ -54,11 +79,27 @@ class Metrics:
         self.request_items = Counter(
             "proxy_request_items", "Input items received, by model.", ["model"], registry=r
         )
+        # livesum: across workers, the sum over the live ones (a dead worker's queue is gone).
         self.queue_depth = Gauge(
-            "proxy_queue_depth", "Items waiting in the batcher.", ["model"], registry=r
+            "proxy_queue_depth",
+            "Items waiting in the batcher.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.in_flight_batches = Gauge(
-            "proxy_upstream_in_flight", "Upstream calls in flight.", ["model"], registry=r
+            "proxy_upstream_in_flight",
+            "Upstream calls in flight.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.concurrency_limit = Gauge(
+            "proxy_concurrency_limit",
+            "Upstream calls the batcher may have in flight at once (summed over workers).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "proxy_batch_size",
@@ -126,5 +167,75 @@ class Metrics:
             registry=r,
         )
 
+        # Per model and version, for the status page and per-model dashboards (the route
+        # metrics above know no model).
+        self.model_requests = Counter(
+            "proxy_model_requests",
+            "Embedding requests by model, version and status.",
+            ["model", "version", "status"],
+            registry=r,
+        )
+        self.model_request_duration = Histogram(
+            "proxy_model_request_duration_seconds",
+            "Time from request to response, by model and version.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.hook_duration = Histogram(
+            "proxy_hook_duration_seconds",
+            "Time per hook call, by hook and phase (before, after).",
+            ["hook", "phase"],
+            buckets=HOOK_BUCKETS,
+            registry=r,
+        )
+        self.hook_failures = Counter(
+            "proxy_hook_failures",
+            "Hook calls that raised (not ValueError) or timed out, by hook, phase and reason "
+            "(error, timeout).",
+            ["hook", "phase", "reason"],
+            registry=r,
+        )
+        self.hook_rejections = Counter(
+            "proxy_hook_rejections",
+            "Requests a hook refused with ValueError (422), by hook and phase.",
+            ["hook", "phase"],
+            registry=r,
+        )
+        self.capture_records = Counter(
+            "proxy_capture_records",
+            "Sampled capture records, by outcome (written; dropped: the queue was full; "
+            "error: the disk refused).",
+            ["outcome"],
+            registry=r,
+        )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Let ``gauge`` show ``read()``: at scrape time in one process; copied every second
+        and at each scrape with several workers (see the module's docstring)."""
+        if self.multiprocess_dir is None:
+            gauge.set_function(read)
+        else:
+            self._tracked.append((gauge, read))
+            gauge.set(read())
+
+    def refresh(self) -> None:
+        """Copy the tracked gauges' values (multiprocess mode; a no-op otherwise)."""
+        for gauge, read in self._tracked:
+            gauge.set(read())
+
+    def _source(self) -> CollectorRegistry:
+        """This process's registry, or one that reads every worker's files."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        self.refresh()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return merged
+
+    def collect(self) -> Iterable[Metric]:
+        """Every metric family, over all workers when there are several."""
+        return self._source().collect()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._source())

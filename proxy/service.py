@@ -37,6 +37,7 @@ from proxy.resilience import (
 )
 from proxy.settings import Settings
 from proxy.token_ids import fit_token_ids
+from proxy.tracing import RequestSpan, Tracing
 from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class _Item:
     input: EmbedInput
     options: EmbedOptions
     deadline: float
+    # The request's span (tracing on), and when the item was queued, for its queue wait.
+    trace: RequestSpan | None = None
+    queued_at: float = 0.0
 
 
 class _MetricsObserver(BatchObserver):
@@ -104,8 +108,17 @@ def input_cost(item: EmbedInput) -> int:
 
 
 class EmbeddingService:
-    def __init__(self, name: str, upstream: Upstream, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        name: str,
+        upstream: Upstream,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.name = name
+        self.tracing = tracing
         self.upstream = upstream
         self.settings = settings
         self.metrics = metrics
@@ -156,8 +169,12 @@ class EmbeddingService:
             ),
             observer=_MetricsObserver(self.metrics, self.name),
         )
-        self._queue_gauge.set_function(lambda: self.batcher.queue_depth)
-        self._in_flight_gauge.set_function(lambda: self.batcher.in_flight)
+        self.metrics.track(self._queue_gauge, lambda: self.batcher.queue_depth)
+        self.metrics.track(self._in_flight_gauge, lambda: self.batcher.in_flight)
+        self.metrics.track(
+            self.metrics.concurrency_limit.labels(self.name),
+            lambda: self.batcher.config.max_concurrent_batches,
+        )
         log.info(
             "model %s via %s upstream (%s): effective batch size %d = min(MAX_BATCH_SIZE=%d, "
             "upstream max_client_batch_size=%d); dispatch=%s, max_wait=%gms, "
@@ -287,7 +304,12 @@ class EmbeddingService:
     # -- embedding ----------------------------------------------------------------------
 
     async def embed(
-        self, inputs: Sequence[EmbedInput], options: EmbedOptions, *, deadline: float
+        self,
+        inputs: Sequence[EmbedInput],
+        options: EmbedOptions,
+        *,
+        deadline: float,
+        trace: RequestSpan | None = None,
     ) -> list[Vector]:
         """Embed ``inputs``; each item is batched with other callers' and put back in order.
 
@@ -296,11 +318,16 @@ class EmbeddingService:
         """
         self.validate(inputs, options)
         inputs = fit_token_ids(inputs, options, self.info)  # cut or refuse long id lists
-        results = await self._run(inputs, options, deadline, fail_fast=True)
+        results = await self._run(inputs, options, deadline, fail_fast=True, trace=trace)
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def embed_each(
-        self, inputs: Sequence[EmbedInput], options: EmbedOptions, *, deadline: float
+        self,
+        inputs: Sequence[EmbedInput],
+        options: EmbedOptions,
+        *,
+        deadline: float,
+        trace: RequestSpan | None = None,
     ) -> list[Vector | ApiError]:
         """Like :meth:`embed`, but an item that fails on its own (the proxy's validation, or the
         upstream refusing that input) gets its error in its slot while the others succeed.
@@ -317,7 +344,9 @@ class EmbeddingService:
             else:
                 slots.append(None)
                 valid.append(item)
-        results = iter(await self._run(valid, options, deadline, fail_fast=False) if valid else [])
+        results = iter(
+            await self._run(valid, options, deadline, fail_fast=False, trace=trace) if valid else []
+        )
         out: list[Vector | ApiError] = []
         for slot in slots:
             if slot is not None:
@@ -335,6 +364,7 @@ class EmbeddingService:
         deadline: float,
         *,
         fail_fast: bool,
+        trace: RequestSpan | None = None,
     ) -> list[Vector | BaseException]:
         batcher = self.batcher
         if self._draining or batcher.closing:
@@ -346,11 +376,12 @@ class EmbeddingService:
             raise errors.overloaded()
         self._items_counter.inc(len(inputs))
         futures: list[asyncio.Future[Vector]] = []
+        queued_at = time.monotonic() if trace is not None else 0.0
         try:
             for item in inputs:
                 futures.append(
                     batcher.submit_nowait(
-                        _Item(item, options, deadline),
+                        _Item(item, options, deadline, trace, queued_at),
                         key=options,
                         cost=input_cost(item),
                         deadline=deadline,
@@ -418,6 +449,11 @@ class EmbeddingService:
     async def _process(self, items: list[_Item]) -> list[Vector | BaseException]:
         """One batch. If the upstream refuses it for its inputs without naming one, split it
         and retry the halves, so only the offending items fail and their neighbours succeed."""
+        if self.tracing is not None:
+            now = time.monotonic()
+            for item in items:
+                if item.trace is not None:
+                    item.trace.note_batch(now - item.queued_at, len(items))
         try:
             return list(await self._call_upstream(items))
         except ApiError as exc:
@@ -480,11 +516,17 @@ class EmbeddingService:
     async def _call_upstream(self, items: list[_Item]) -> list[Vector]:
         """One upstream call, with the resilient upstream's retries and replica choice, until
         the latest caller's deadline."""
-        return await self.resilient.embed(
-            [item.input for item in items],
-            items[0].options,
-            deadline=max(item.deadline for item in items),
-        )
+        inputs = [item.input for item in items]
+        deadline = max(item.deadline for item in items)
+        if self.tracing is None:
+            return await self.resilient.embed(inputs, items[0].options, deadline=deadline)
+        served = list({id(i.trace): i.trace for i in items if i.trace is not None}.values())
+        for request_span in served:
+            request_span.note_call()
+        with self.tracing.upstream_call(
+            self.served_model_name, self.upstream.kind, served, len(items)
+        ):
+            return await self.resilient.embed(inputs, items[0].options, deadline=deadline)
 
     def _check_dimension(self, vectors: list[Vector], options: EmbedOptions) -> None:
         if len(vectors) == 0:

@@ -326,6 +326,68 @@ class Settings(BaseSettings):
         100, ge=1, description="Most items one POST /batch request may carry."
     )
 
+    # -- observe: hooks, sampled capture, logs ---------------------------------------------
+    hooks: str | None = Field(
+        None,
+        description="Request hooks, comma-separated `package.module:attr` (a module, class or "
+        "instance with `before(ctx)` and/or `after(ctx)`, sync or async); they run in order. "
+        "A class is instantiated with no arguments.",
+    )
+    hook_timeout: float = Field(
+        50.0,
+        gt=0,
+        le=60_000,
+        description="Milliseconds one hook call may take; past it the call counts as failed "
+        "(HOOK_FAILURE says what then).",
+    )
+    hook_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="What a hook that raises (anything but ValueError) or times out does to "
+        "its request: open, the request goes on as if the hook had not run; closed, 500.",
+    )
+    sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests per model written to SAMPLE_PATH as JSON Lines "
+        "(0: capture off).",
+    )
+    sample_path: Path = Field(
+        Path("capture"),
+        description="Folder the sampled capture is written to (one file set per serving process).",
+    )
+    sample_text: bool = Field(
+        False,
+        description="Also write each input's raw text into the capture (otherwise only its "
+        "SHA-256, length and token count).",
+    )
+    sample_vectors: bool = Field(
+        False,
+        description="Also write the embeddings into the capture (the drift report needs them; "
+        "vectors can reveal something of their text).",
+    )
+    sample_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Size in bytes at which a capture file is closed and a new one begun.",
+    )
+    sample_max_files: int = Field(
+        10,
+        ge=1,
+        description="Capture files kept per serving process; past it the oldest is deleted.",
+    )
+    sample_queue_size: int = Field(
+        1000,
+        ge=1,
+        description="Capture records waiting for the disk at most; past it records are "
+        "dropped and counted, never waited for.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text, or json: one JSON object per line with the request id, model "
+        "and trace id.",
+    )
+
     # -- embedded model ---------------------------------------------------------------------
     embedded_cache_dir: Path | None = Field(
         None, description="Where the embedded model's built ONNX graph is cached."
@@ -333,6 +395,17 @@ class Settings(BaseSettings):
     embedded_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (default: ORT's choice)."
     )
+
+    @field_validator("hooks")
+    @classmethod
+    def _check_hooks(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for spec in value.split(","):
+            module, _, attr = spec.strip().partition(":")
+            if not module or not attr:
+                raise ValueError(f"{spec.strip()!r} is not of the form package.module:attr")
+        return value
 
     @field_validator("job_store")
     @classmethod
@@ -384,6 +457,10 @@ class Settings(BaseSettings):
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_time / 1000.0
+
+    @property
+    def hook_specs(self) -> list[str]:
+        return [s.strip() for s in self.hooks.split(",") if s.strip()] if self.hooks else []
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -12,10 +12,21 @@ produced (TEI's own /tokenize output), which is how clients get them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from proxy import errors
 from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo
+
+_CHARS_PER_TOKEN = 4  # the usual estimate for English text
+
+
+def estimate_tokens(item: EmbedInput) -> int:
+    """Token ids count exactly; text is estimated at 4 characters a token, since batched
+    upstream calls do not say how many tokens each input had (OpenAI's `usage`, capture)."""
+    if isinstance(item, list):
+        return len(item)
+    return max(1, math.ceil(len(item) / _CHARS_PER_TOKEN))
 
 
 def fit_token_ids(

@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Protocol
 
+from proxy.logs import configure_logging
 from proxy.server import Supervision, run
 from proxy.settings import Settings
 
@@ -46,17 +47,6 @@ class _Shared(Protocol):
     value: Any
 
 
-def configure_logging(settings: Settings, prefix: str = "") -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
-        force=True,
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    if settings.access_log:  # asked for explicitly: shown whatever LOG_LEVEL says
-        logging.getLogger("proxy.access").setLevel(logging.INFO)
-
-
 def _worker_main(
     settings: Settings,
     index: int,
@@ -65,7 +55,7 @@ def _worker_main(
     stop_all: _Shared,
     supervisor_pid: int,
 ) -> None:
-    configure_logging(settings, prefix=f"[worker {index}] ")
+    configure_logging(settings, prefix=f"[worker {index}] ", worker=index)
 
     def touch() -> None:
         beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process

@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 from proxy import errors
 from proxy.errors import ApiError
-from proxy.http.common import deadline_for, json_response
+from proxy.http.common import json_response
 from proxy.http.keys import SERVICE, SETTINGS
 from proxy.http.models import BatchRequest
 from proxy.http.parsing import read_json, type_name
+from proxy.http.pipeline import embed_each_request
 from proxy.upstream.base import EmbedOptions
 
 _MAX_NAMED = 10  # ids quoted in one error message
@@ -66,9 +67,7 @@ def parse_batch(body: Any, max_items: int) -> tuple[list[str], list[str]]:
 async def batch(request: web.Request) -> web.Response:
     body = await read_json(request)
     ids, texts = parse_batch(body, request.app[SETTINGS].max_batch_items)
-    results = await request.app[SERVICE].embed_each(
-        texts, EmbedOptions(), deadline=deadline_for(request)
-    )
+    results = await embed_each_request(request, request.app[SERVICE], texts, EmbedOptions())
     out: list[dict[str, Any]] = []
     for item_id, result in zip(ids, results, strict=True):
         if isinstance(result, ApiError):

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from proxy.jobs.base import JobStore
 from proxy.metrics import Metrics
+from proxy.observe import Observer
 from proxy.service import EmbeddingService
 from proxy.settings import Settings
 
@@ -17,3 +18,4 @@ SERVICE = web.AppKey("service", EmbeddingService)
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)  # set to ask the server to stop
 DRAINING = web.AppKey("draining", asyncio.Event)  # set once stopping: refuse new work
 JOBS: web.AppKey[JobStore] = web.AppKey("jobs")
+OBSERVER = web.AppKey("observer", Observer)  # hooks, tracing, per-model metrics

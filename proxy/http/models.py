@@ -103,7 +103,9 @@ class EmbeddingRequest(BaseModel):
         "float", description="base64: little-endian float32; null means float."
     )
     dimensions: int | None = Field(None, ge=1, description=_DIMENSIONS_DESCRIPTION)
-    user: str | None = Field(None, description="Ignored.")
+    user: str | None = Field(
+        None, description="Handed to request hooks as `ctx.user`; otherwise ignored."
+    )
 
 
 class PredictRequest(BaseModel):

@@ -7,14 +7,13 @@ The `openai` SDK asks for base64 by default; errors use TEI's OpenAI-compatible 
 from __future__ import annotations
 
 import base64
-import math
 import struct
 from typing import Any
 
 from aiohttp import web
 
 from proxy.errors import ApiError
-from proxy.http.common import OPENAI_PATHS, deadline_for, json_response, openai_error_response
+from proxy.http.common import OPENAI_PATHS, json_response, openai_error_response
 from proxy.http.keys import SERVICE, SETTINGS
 from proxy.http.models import EmbeddingRequest
 from proxy.http.parsing import (
@@ -25,9 +24,9 @@ from proxy.http.parsing import (
     require_object,
     validate,
 )
+from proxy.http.pipeline import embed_request
+from proxy.token_ids import estimate_tokens
 from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
-
-_CHARS_PER_TOKEN = 4  # the usual estimate for English text; see usage below
 
 
 def _encode_base64(vec: Vector) -> str:
@@ -39,21 +38,14 @@ def _encode_base64(vec: Vector) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _estimate_tokens(item: EmbedInput) -> int:
-    """Token ids count exactly; text is estimated, since batched upstream calls do not say
-    how many tokens each input had."""
-    if isinstance(item, list):
-        return len(item)
-    return max(1, math.ceil(len(item) / _CHARS_PER_TOKEN))
-
-
 def parse_openai_request(
     body: Any, max_inputs: int | None = None
-) -> tuple[list[EmbedInput], EmbedOptions, str, str | None]:
-    """OpenAI's embeddings request; ``max_inputs`` (MAX_CLIENT_BATCH_SIZE) is checked before
-    the inputs are validated."""
+) -> tuple[list[EmbedInput], EmbedOptions, str, str | None, str | None]:
+    """OpenAI's embeddings request: inputs, options, encoding, model and user;
+    ``max_inputs`` (MAX_CLIENT_BATCH_SIZE) is checked before the inputs are validated."""
     if type(body) is dict and len(body) == 1 and type(body.get("input")) is str:
-        return [body["input"]], DEFAULT_OPTIONS, "float", None  # the common body: no options
+        # The common body: no options.
+        return [body["input"]], DEFAULT_OPTIONS, "float", None, None
     check_input_count(require_object(body, "input")["input"], max_inputs)
     request = validate(EmbeddingRequest, body)
     # TEI fixes every other option on this route: auto-truncate, right, no prompt, normalised.
@@ -62,17 +54,26 @@ def parse_openai_request(
         if request.dimensions is None
         else EmbedOptions(dimensions=request.dimensions)
     )
-    return as_inputs(request.input), options, request.encoding_format or "float", request.model
+    encoding = request.encoding_format or "float"
+    return as_inputs(request.input), options, encoding, request.model, request.user
 
 
 async def openai_embeddings(request: web.Request) -> web.Response:
     try:
         body = await read_json(request)
-        inputs, options, encoding, _model = parse_openai_request(
+        inputs, options, encoding, model, user = parse_openai_request(
             body, request.app[SETTINGS].max_client_batch_size
         )
         service = request.app[SERVICE]
-        vectors = await service.embed(inputs, options, deadline=deadline_for(request))
+        inputs, vectors = await embed_request(
+            request,
+            service,
+            inputs,
+            options,
+            user=user,
+            requested_model=model,
+            encoding=encoding,
+        )
     except ApiError as exc:
         return openai_error_response(exc)
     data = [
@@ -83,7 +84,7 @@ async def openai_embeddings(request: web.Request) -> web.Response:
         }
         for i, vec in enumerate(vectors)
     ]
-    tokens = sum(_estimate_tokens(item) for item in inputs)
+    tokens = sum(estimate_tokens(item) for item in inputs)
     return json_response(
         {
             "object": "list",

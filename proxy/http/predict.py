@@ -14,11 +14,13 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.errors import ErrorType
-from proxy.http.common import deadline_for, json_response
+from proxy.http.common import json_response
 from proxy.http.keys import JOBS, SERVICE, SETTINGS
 from proxy.http.models import PredictRequest
 from proxy.http.parsing import read_json, require_object, validate
+from proxy.http.pipeline import before_hooks, embed_request
 from proxy.jobs.base import JobQueueFullError, JobStoreUnavailableError
+from proxy.observe import OBSERVATION
 from proxy.upstream.base import EmbedOptions, Vector
 
 ACCEPTED_MESSAGE = "Request received. Processing asynchronously."
@@ -46,9 +48,15 @@ async def predict(request: web.Request) -> web.Response:
     body = await read_json(request)
     text = _parse(body)
     service = request.app[SERVICE]
-    # The same checks as the synchronous path, so a job never fails for its input later.
-    service.validate([text], EmbedOptions())
     if _is_async(request):
+        # Jobs run later, with no request to answer: `before` hooks run now, on what is
+        # queued; `after` hooks and capture are for synchronous answers only.
+        obs = request[OBSERVATION]
+        obs.model = service.name
+        (job_text,), _ = await before_hooks(request, obs, [text], None)
+        assert isinstance(job_text, str)  # hooks keep each input's kind of item
+        # The same checks as the synchronous path, so a job never fails for its input later.
+        service.validate([job_text], EmbedOptions())
         jobs = request.app[JOBS]
         if jobs.kind == "memory" and request.app[SETTINGS].workers > 1:
             # Each worker has its own memory store: a poll reaching another worker would
@@ -58,7 +66,7 @@ async def predict(request: web.Request) -> web.Response:
                 "is per worker process"
             )
         try:
-            prediction_id = await jobs.submit(text)
+            prediction_id = await jobs.submit(job_text)
         except JobQueueFullError as exc:
             raise errors.overloaded() from exc
         except JobStoreUnavailableError as exc:
@@ -66,7 +74,7 @@ async def predict(request: web.Request) -> web.Response:
         return json_response(
             {"message": ACCEPTED_MESSAGE, "prediction_id": prediction_id}, status=202
         )
-    vectors = await service.embed([text], EmbedOptions(), deadline=deadline_for(request))
+    _, vectors = await embed_request(request, service, [text], EmbedOptions())
     return json_response({"input": text, "result": vectors[0]})
 
 

@@ -9,10 +9,11 @@ import time
 from aiohttp import web
 
 from proxy.errors import ApiError, ErrorType
-from proxy.http.common import bearer_matches, deadline_for, error_response, json_response
+from proxy.http.common import bearer_matches, error_response, json_response
 from proxy.http.docs import add_docs_routes
 from proxy.http.keys import DRAINING, METRICS, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.parsing import parse_embed_request, read_json
+from proxy.http.pipeline import embed_request
 from proxy.openapi import build_openapi
 
 
@@ -21,7 +22,7 @@ async def embed(request: web.Request) -> web.Response:
     body = await read_json(request)
     inputs, options = parse_embed_request(body, request.app[SETTINGS].max_client_batch_size)
     service = request.app[SERVICE]
-    vectors = await service.embed(inputs, options, deadline=deadline_for(request))
+    inputs, vectors = await embed_request(request, service, inputs, options)
     elapsed_ms = str(int((time.perf_counter() - started) * 1000))
     # TEI's response metadata headers (router/src/lib.rs), so clients that read them still can.
     headers = {

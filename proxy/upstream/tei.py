@@ -19,6 +19,7 @@ from proxy.errors import (
     unavailable,
     upstream_refused,
 )
+from proxy.tracing import outgoing_headers
 from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,9 @@ class HttpUpstreamBase:
     ) -> tuple[int, bytes, str]:
         """POST to one replica; map transport faults to 503/504."""
         try:
-            async with self.session.post(base_url + path, data=orjson.dumps(payload)) as resp:
+            async with self.session.post(
+                base_url + path, data=orjson.dumps(payload), headers=outgoing_headers()
+            ) as resp:
                 body = await resp.read()
                 if resp.status == 200 and "x-compute-type" in resp.headers:
                     self._compute_type = resp.headers["x-compute-type"]
