@@ -27,6 +27,7 @@ from proxy.http.common import (
 from proxy.http.docs import PUBLIC_DOCS_ROUTES
 from proxy.http.keys import DRAINING, JOBS, METRICS, OBSERVER, SERVICE, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
+from proxy.http.status import PUBLIC_STATUS_ROUTES
 from proxy.jobs.factory import build_job_store
 from proxy.logs import REQUEST_CONTEXT
 from proxy.metrics import Metrics
@@ -80,11 +81,12 @@ def build_upstream(settings: Settings) -> Upstream:
 
 
 # Routes TEI leaves open when --api-key is set, plus the proxy's own docs (the /docs page
-# and each of its static files).
+# and each of its static files) and the /status page and its files (the page holds no data:
+# the status.json it polls needs the key).
 PUBLIC_ROUTES = frozenset({
     ("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics"),
     ("GET", "/openapi.json"), ("POST", "/shutdown"),
-}) | PUBLIC_DOCS_ROUTES  # fmt: skip
+}) | PUBLIC_DOCS_ROUTES | PUBLIC_STATUS_ROUTES  # fmt: skip
 
 
 def _needs_key(request: web.Request) -> bool:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from proxy import __version__
 from proxy.http import models
 from proxy.http.docs import asset_route_spec
+from proxy.http.status import status_route_specs
 from proxy.settings import Settings
 
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -37,6 +38,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     models.PredictionFailed,
     models.BatchResponse,
     models.ShutdownAccepted,
+    models.StatusDocument,
 )
 
 
@@ -300,6 +302,19 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             }
         },
     }
+    paths["/status.json"] = {
+        "get": {
+            "summary": "What the /status page shows: per model, rates, latency, queue, batches",
+            "responses": {
+                "200": {
+                    "description": "The status document",
+                    "content": _json(_ref(models.StatusDocument)),
+                },
+                **unauthorized,
+            },
+        }
+    }
+    paths.update(status_route_specs())
     for path, item in asset_route_spec().items():
         paths[path] = {method: {**op, "security": []} for method, op in item.items()}
     spec: dict[str, Any] = {

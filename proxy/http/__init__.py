@@ -7,6 +7,7 @@ from aiohttp import web
 from proxy.http.batch import add_batch_routes
 from proxy.http.openai import add_openai_routes
 from proxy.http.predict import add_predict_routes
+from proxy.http.status import add_status_routes
 from proxy.http.tei import add_tei_routes
 
 
@@ -15,3 +16,4 @@ def add_routes(app: web.Application) -> None:
     add_openai_routes(app)
     add_predict_routes(app)
     add_batch_routes(app)
+    add_status_routes(app)

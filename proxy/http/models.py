@@ -217,6 +217,54 @@ class ShutdownAccepted(BaseModel):
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
+class StatusBucket(BaseModel):
+    le: float | None = Field(description="Upper bound of the bucket; null: above the last.")
+    count: float
+
+
+class StatusBatchSize(BaseModel):
+    batches: float = Field(description="Upstream calls in the window.")
+    mean: float | None = Field(description="Items per upstream call, on average.")
+    buckets: list[StatusBucket] = Field(description="Upstream calls per batch-size bucket.")
+
+
+class StatusConcurrency(BaseModel):
+    limit: int | None = Field(description="Upstream calls in flight at most (this worker).")
+    limit_all_workers: float | None = Field(description="The limits of every worker, added.")
+    max_concurrent_batches: int
+    adaptive: dict[str, Any] | None = Field(
+        description="The adaptive limit's state; null while the limit is fixed."
+    )
+
+
+class StatusModel(BaseModel):
+    model: str
+    version: str | None
+    model_id: str
+    requests_per_s: float | None = Field(description="Null until a second snapshot exists.")
+    errors_per_s: float | None
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    queue_depth: float | None
+    in_flight: float | None
+    batch_size: StatusBatchSize
+    concurrency: StatusConcurrency
+    breaker: Literal["closed", "open"]
+    cache_hit_ratio: float | None = Field(description="Null without an embedding cache.")
+    ab_split: dict[str, float] | None = Field(
+        description="Share of traffic per version; null without an A/B split."
+    )
+
+
+class StatusDocument(BaseModel):
+    """`GET /status.json`: what the /status page shows."""
+
+    generated_at: str
+    window_s: float | None = Field(description="Seconds the rates and percentiles cover.")
+    workers: int
+    models: list[StatusModel]
+
+
 class _SpecSchema(GenerateJsonSchema):
     def tagged_union_schema(self, schema: core_schema.TaggedUnionSchema) -> JsonSchemaValue:
         # pydantic writes a tagged union as oneOf, but `[]` matches both the id-list and the
