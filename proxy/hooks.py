@@ -103,8 +103,12 @@ def load_hook(spec: str) -> _Hook:
     """``package.module:attr`` as a hook; a class is instantiated with no arguments."""
     module_name, _, attr = spec.partition(":")
     try:
-        target: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+        if hasattr(module, attr):
+            target: Any = getattr(module, attr)
+        else:  # `package:module`, a submodule not imported yet
+            target = importlib.import_module(f"{module_name}.{attr}")
+    except ImportError as exc:
         raise RuntimeError(f"HOOKS: cannot load {spec!r}: {exc}") from exc
     if inspect.isclass(target):
         target = target()

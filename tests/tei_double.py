@@ -90,6 +90,7 @@ class TeiDoubleConfig:
 class CallRecord:
     inputs: list[Any]
     options: dict[str, Any]
+    traceparent: str | None = None  # the W3C trace header the call carried, if any
 
 
 class TeiDouble:
@@ -279,7 +280,7 @@ class TeiDouble:
         if self.in_flight_items + len(items) > c.max_concurrent_requests:
             return self._maybe_openai(openai, self._error(429, "Model is overloaded", "Overloaded"))
         options = {k: v for k, v in body.items() if k not in ("inputs", "input")}
-        self.calls.append(CallRecord(list(items), options))
+        self.calls.append(CallRecord(list(items), options, request.headers.get("traceparent")))
         self.in_flight_items += len(items)
         self._in_flight_calls += 1
         self.max_in_flight_calls = max(self.max_in_flight_calls, self._in_flight_calls)
