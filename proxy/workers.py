@@ -20,15 +20,20 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, Protocol
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from proxy.logs import configure_logging
+from proxy.metrics import MULTIPROC_ENV
 from proxy.server import Supervision, run
 from proxy.settings import Settings
 
@@ -81,6 +86,17 @@ def _worker_main(
 
 def run_workers(settings: Settings, sock: socket.socket) -> int:
     """Run ``settings.workers`` workers on the bound ``sock`` until stopped; the exit code."""
+    # One folder for every worker's metric values, so any worker's /metrics counts them all
+    # (proxy/metrics.py). Fresh each run: stale files would add an earlier run's counts.
+    metrics_dir = tempfile.mkdtemp(prefix="proxy-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir  # spawned workers inherit the environment
+    try:
+        return _supervise(settings, sock, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, sock: socket.socket, metrics_dir: str) -> int:
     ctx = multiprocessing.get_context("spawn")  # no inherited event loop or state
     stop_all: _Shared = ctx.RawValue("b", 0)
     beats: dict[int, _Shared] = {i: ctx.RawValue("d", 0.0) for i in range(settings.workers)}
@@ -159,6 +175,9 @@ def run_workers(settings: Settings, sock: socket.socket) -> int:
                 continue
             proc.join()
             del workers[index]
+            if proc.pid is not None:
+                # Its counters stay in the sums; its gauges (queue depth...) go.
+                mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
             code = proc.exitcode
             if not stopping and stop_all.value:
                 stop_workers()  # the flag was set just before this worker exited

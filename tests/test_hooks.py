@@ -65,9 +65,7 @@ async def test_every_route_runs_the_hooks_with_its_own_context(
     start_proxy: ProxyFactory, tei_double: TeiDouble
 ) -> None:
     client = await start_proxy(hooks=f"{EX}:PrefixA,{EX}:recorder")
-    resp = await client.post(
-        "/v1/embeddings", json={"input": ["x"], "model": "m", "user": "alice"}
-    )
+    resp = await client.post("/v1/embeddings", json={"input": ["x"], "model": "m", "user": "alice"})
     assert resp.status == 200
     assert (await client.post("/predict", json={"input": "p"})).status == 200
     resp = await client.post("/batch", json=[{"id": "1", "data": "q"}])
@@ -158,10 +156,7 @@ async def test_a_failing_hook_open_goes_on_without_its_changes(
     metrics = await (await client.get("/metrics")).text()
     for hook in ("Broken", "DropsAnInput"):
         assert (
-            sample(
-                metrics, "proxy_hook_failures_total", hook=f"{EX}:{hook}", reason="error"
-            )
-            == 1
+            sample(metrics, "proxy_hook_failures_total", hook=f"{EX}:{hook}", reason="error") == 1
         )
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "a bug in the hook" in messages and "same length" in messages

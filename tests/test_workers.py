@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import (
     ROOT,
@@ -157,6 +158,66 @@ async def test_a_hung_worker_is_killed_and_restarted(
             connector=aiohttp.TCPConnector(force_close=True)
         ) as session:
             await embed_each_and_check(session, url, [f"after restart {i}" for i in range(20)])
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        await stop(proc)
+
+
+def scraped(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_one_scrape_counts_every_worker(aiohttp_server: Any, unused_tcp_port: int) -> None:
+    """Each worker counts its own requests, yet every scrape, whichever worker answers it,
+    shows the total over both (prometheus-client's multiprocess mode)."""
+    _, upstream = await start_double(aiohttp_server, delay_base_s=0.01)
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    proc = await start_proxy_process(
+        "--upstream-url", upstream, "--port", str(unused_tcp_port),
+        WORKERS="2", ACCESS_LOG="true",
+    )  # fmt: skip
+    try:
+        await wait_healthy(url, proc)
+        log = LogLines(proc)
+        await log.count("proxy: listening", 2)
+        texts = [f"counted {i}" for i in range(80)]
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=40)
+        ) as session:
+            await embed_each_and_check(session, url, texts)
+            await log.count('"POST /embed" 200', len(texts))
+            served = {index: log.text.count(f"[worker {index}] proxy.access") for index in (0, 1)}
+            assert served[0] > 0 and served[1] > 0, served  # both workers took requests
+            # Scrape on new connections until each worker has answered at least one scrape
+            # (bounded); every answer must hold the total over both workers.
+            scrapes = 0
+            for _ in range(60):
+                async with session.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                scrapes += 1
+                embeds = scraped(text, "proxy_requests_total", route="/embed", status="200")
+                assert embeds == len(texts)
+                items = scraped(text, "proxy_request_items_total", model="default")
+                assert items == len(texts)
+                assert scraped(text, "proxy_model_requests_total", model="default") == len(texts)
+                assert scraped(text, "proxy_concurrency_limit", model="default") == 4  # 2 + 2
+                await log.count('"GET /metrics"', scrapes)
+                scrapers = {
+                    index
+                    for line in log.lines
+                    if '"GET /metrics"' in line
+                    for index in (0, 1)
+                    if f"[worker {index}] proxy.access" in line
+                }
+                if scrapers == {0, 1}:
+                    break
+            assert scrapers == {0, 1}  # both workers answered scrapes, each with the total
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
