@@ -225,7 +225,7 @@ def test_latency_guard_refuses_nan_zero_and_huge_vectors_and_flags_slow_requests
 
 
 def test_hooks_setting_is_checked_and_an_unknown_hook_stops_start_up() -> None:
-    with pytest.raises(ValidationError, match="package.module:attr"):
+    with pytest.raises(ValidationError, match=r"package\.module:attr"):
         make_settings(hooks="no_colon_here")
     with pytest.raises(RuntimeError, match="cannot load"):
         create_app(make_settings(hooks="tests.hook_examples:Nope", upstream_url="http://x:1"))
