@@ -666,3 +666,105 @@ def test_proxy_probes_ask_over_http() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "httpGet" in container[probe], probe
         assert "tcpSocket" not in container[probe], probe
+
+
+# -- KEDA (deploy/keda) ----------------------------------------------------------------------
+
+KEDA = ROOT / "deploy" / "keda"
+
+
+def scaled_object() -> dict[str, Any]:
+    data: dict[str, Any] = load_yaml(KEDA / "scaledobject.yaml")
+    return data
+
+
+def keda_validator() -> Any:
+    """A validator of the ScaledObject schema we wrote from KEDA's documented fields (its
+    CRD is not in kubernetes-validate's schemas)."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
+    schema = json.loads((KEDA / "scaledobject.schema.json").read_text("utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_keda_scaled_object_validates_against_its_schema() -> None:
+    errors = [e.message for e in keda_validator().iter_errors(scaled_object())]
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "typo",  # an unknown field, e.g. minReplicaCont
+        "number",  # a metadata value that is not a string
+        "no-query",  # a prometheus trigger without its query
+        "api",  # the wrong apiVersion
+        "cpu-type",  # a cpu trigger without metricType
+    ],
+)
+def test_the_keda_schema_refuses_broken_objects(breakage: str) -> None:
+    """The check above can fail: each of these is a mistake KEDA would refuse or misread."""
+    broken = scaled_object()
+    spec = broken["spec"]
+    prometheus = next(t for t in spec["triggers"] if t["type"] == "prometheus")
+    cpu = next(t for t in spec["triggers"] if t["type"] == "cpu")
+    if breakage == "typo":
+        spec["minReplicaCont"] = spec.pop("minReplicaCount")
+    elif breakage == "number":
+        prometheus["metadata"]["threshold"] = 64
+    elif breakage == "no-query":
+        del prometheus["metadata"]["query"]
+    elif breakage == "api":
+        broken["apiVersion"] = "keda.k8s.io/v1alpha1"
+    else:
+        del cpu["metricType"]
+    assert list(keda_validator().iter_errors(broken)), breakage
+
+
+def test_keda_scales_the_proxy_on_queue_depth_and_cpu_like_the_hpa() -> None:
+    spec = scaled_object()["spec"]
+    deployment = proxy_deployment()
+    target = spec["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    hpa = one("HorizontalPodAutoscaler", "embedding-proxy")["spec"]
+    assert spec["minReplicaCount"] == hpa["minReplicas"] >= 2
+    assert spec["maxReplicaCount"] == hpa["maxReplicas"]
+    triggers = {t["type"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"prometheus", "cpu"}
+    cpu_target = hpa["metrics"][0]["resource"]["target"]["averageUtilization"]
+    assert triggers["cpu"]["metadata"]["value"] == str(cpu_target)
+    prometheus = triggers["prometheus"]
+    assert prometheus["metricType"] == "AverageValue"  # the query's total over replicas
+    query = prometheus["metadata"]["query"]
+    exported = metric_labels()
+    used = set(re.findall(r"\bproxy_[a-z_]+", query))
+    assert used == {"proxy_queue_depth"} and used <= set(exported)
+    selectors = set(re.findall(r"([a-z_]+)=", query))
+    assert selectors <= exported["proxy_queue_depth"] | {"job", "instance", "namespace", "pod"}
+    promql_parser = pytest.importorskip("promql_parser", reason="promql-parser is in dev")
+    promql_parser.parse(query)
+
+
+def test_keda_overlay_replaces_the_hpa_and_is_linted() -> None:
+    kustomization = load_yaml(KEDA / "kustomization.yaml")
+    assert kustomization["resources"] == ["../k8s", "scaledobject.yaml"]
+    (patch,) = kustomization["patches"]
+    deleted = yaml.safe_load(patch["patch"])
+    assert deleted["$patch"] == "delete"
+    assert (deleted["kind"], deleted["metadata"]["name"]) == (
+        "HorizontalPodAutoscaler",
+        "embedding-proxy",
+    )
+    yamllint = tool("yamllint", "yamllint")
+    listed = {p.removeprefix("./") for p in run([yamllint, "--list-files", "."]).split()}
+    assert {"deploy/keda/scaledobject.yaml", "deploy/keda/kustomization.yaml"} <= listed
+    run([yamllint, "--strict", str(KEDA)])
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return  # rendering needs kubectl; the checks above do not
+    rendered = [d for d in yaml.safe_load_all(run([kubectl, "kustomize", str(KEDA)])) if d]
+    kinds = sorted(d["kind"] for d in rendered)
+    assert "HorizontalPodAutoscaler" not in kinds and kinds.count("ScaledObject") == 1
+    assert sorted(kinds + ["HorizontalPodAutoscaler"]) == sorted(
+        [kind for kind, _ in k8s_objects()] + ["ScaledObject"]
+    )
