@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -231,3 +233,28 @@ def test_hooks_setting_is_checked_and_an_unknown_hook_stops_start_up() -> None:
         create_app(make_settings(hooks="tests.hook_examples:Nope", upstream_url="http://x:1"))
     with pytest.raises(RuntimeError, match="neither a before"):
         create_app(make_settings(hooks="tests.conftest:make_settings", upstream_url="http://x:1"))
+
+
+async def test_the_readme_example_hook_module_works(
+    start_proxy: ProxyFactory,
+    tei_double: TeiDouble,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's `myhooks.py`, as printed there, with its HOOKS line."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    intro = readme.index("An example module, `myhooks.py`")
+    hooks_line = re.search(r"`HOOKS=([^`]+)`", readme[intro:])
+    code = re.search(r"```python\n(.*?)```", readme[intro:], flags=re.S)
+    assert hooks_line and code
+    (tmp_path / "myhooks.py").write_text(code.group(1), "utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    client = await start_proxy(hooks=hooks_line.group(1))
+    resp = await client.post(
+        "/v1/embeddings", json={"input": ["mail ann@example.com", [101, 102]], "user": "u1"}
+    )
+    assert resp.status == 200
+    assert tei_double.calls[0].inputs == ["query: mail <email>", [101, 102]]
+    refused = await client.post("/embed", json={"inputs": "my Password is x"})
+    assert refused.status == 422
+    assert (await refused.json())["error"] == "inputs must not contain passwords"
