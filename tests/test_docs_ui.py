@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.http.docs import ASSETS, STATIC_DIR
+from proxy.http.status import STATUS_ASSETS
 from tests.conftest import ProxyFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ def test_package_build_ships_the_docs_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     names = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()}
     assert "proxy/http/docs.py" in names  # the build itself worked
-    for relative, _ in ASSETS.values():
+    for relative, _ in [*ASSETS.values(), *STATUS_ASSETS.values()]:  # /docs and /status
         assert f"proxy/http/static/{relative}" in names, relative
     for name in ("LICENSE", "NOTICE", "swagger-ui-bundle.js.LICENSE.txt"):
         assert f"proxy/http/static/swagger-ui/{name}" in names, name

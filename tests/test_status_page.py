@@ -14,6 +14,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
+from proxy.http.keys import SERVICE
 from proxy.http.status import STATUS_ASSETS, quantile
 from tests.conftest import ProxyFactory
 from tests.test_docs_ui import References, directives
@@ -220,3 +221,17 @@ async def test_status_page_in_headless_chromium_shows_live_throughput(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(load, 30)
     assert problems == []
+
+
+async def test_an_adaptive_limiter_shows_its_state_once_wired(start_proxy: ProxyFactory) -> None:
+    """proxy/concurrency.py's GradientLimiter is not wired into the service yet; once a
+    service has one, the page shows its live limit and state instead of the fixed bound."""
+    concurrency = pytest.importorskip("proxy.concurrency")
+    client = await start_proxy()
+    service = client.app[SERVICE]
+    limiter = concurrency.GradientLimiter(concurrency.GradientConfig())
+    service.limiter = limiter  # type: ignore[attr-defined]
+    (model,) = (await (await client.get("/status.json")).json())["models"]
+    adaptive = model["concurrency"]["adaptive"]
+    assert adaptive is not None and adaptive["limit"] == limiter.limit
+    assert model["concurrency"]["limit"] == limiter.limit and "gradient" in adaptive

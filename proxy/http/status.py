@@ -265,16 +265,32 @@ class StatusBoard:
 STATUS_BOARD = web.AppKey("status_board", StatusBoard)
 
 
+def _adaptive_state(service: EmbeddingService) -> dict[str, Any] | None:
+    """The adaptive limiter's state (limit, baseline, gradient, ...) once one is wired into
+    the service (proxy/concurrency.py's GradientLimiter); None while the limit is fixed."""
+    limiter = getattr(service, "limiter", None)
+    state = getattr(limiter, "state", None)
+    if not callable(state):
+        return None
+    snapshot = state()
+    as_dict = getattr(snapshot, "as_dict", None)
+    return dict(as_dict()) if callable(as_dict) else None
+
+
 def model_state(service: EmbeddingService) -> ModelState:
     """The answering worker's view of one model's service."""
     started = service.started
+    adaptive = _adaptive_state(service)
+    limit = service.batcher.config.max_concurrent_batches if started else None
+    if adaptive is not None and isinstance(adaptive.get("limit"), int):
+        limit = adaptive["limit"]
     return ModelState(
         model=service.name,
         version=None,  # one unversioned model until the registry of models lands
         model_id=service.served_model_name,
-        concurrency_limit=service.batcher.config.max_concurrent_batches if started else None,
+        concurrency_limit=limit,
         max_concurrent_batches=service.settings.max_concurrent_batches,
-        adaptive_limit=None,
+        adaptive_limit=adaptive,
         breaker="open" if service.breaker.is_open else "closed",
     )
 
