@@ -8,6 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from proxy.logs import configure_logging
+from proxy.models_config import ModelsConfigError, load_models_config
 from proxy.server import ListenError, bind_listener, run
 from proxy.settings import Settings, describe_validation_error
 from proxy.workers import run_workers
@@ -28,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
+    if settings.models_config is not None:
+        # Checked here too (the app reads it again), so a bad file is one line at once.
+        try:
+            load_models_config(settings.models_config, settings)
+        except ModelsConfigError as exc:
+            print(f"error: MODELS_CONFIG {settings.models_config}: {exc}", file=sys.stderr)
+            return 2
     try:
         # Before anything else starts (model, upstream, workers): a taken port is one line.
         sock = bind_listener(settings)

@@ -1,4 +1,5 @@
-"""The app factory: it owns the upstream, the service and the metrics, and closes them."""
+"""The app factory: it owns the registry of models (their upstreams and services), the job
+store and the metrics, and closes them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy import errors
 from proxy.capture import CaptureWriter, Sampler
+from proxy.context import CONTEXT, RequestContext
 from proxy.errors import ApiError, ErrorType
 from proxy.hooks import Hooks, as_hook, load_hook
 from proxy.http import add_routes
@@ -25,15 +27,15 @@ from proxy.http.common import (
     request_id,
 )
 from proxy.http.docs import PUBLIC_DOCS_ROUTES
-from proxy.http.keys import DRAINING, JOBS, METRICS, OBSERVER, SERVICE, SETTINGS, SHUTDOWN
+from proxy.http.keys import DRAINING, JOBS, METRICS, OBSERVER, REGISTRY, SETTINGS, SHUTDOWN
 from proxy.http.predict import as_floats
 from proxy.http.status import PUBLIC_STATUS_ROUTES
 from proxy.jobs.factory import build_job_store
 from proxy.logs import REQUEST_CONTEXT
 from proxy.metrics import Metrics
 from proxy.observe import OBSERVATION, Observer
-from proxy.service import EmbeddingService
-from proxy.settings import Settings
+from proxy.registry import Registry, UpstreamFactory
+from proxy.settings import Settings, UpstreamSettings
 from proxy.tracing import build_tracing
 from proxy.upstream.base import EmbedOptions, Upstream
 
@@ -48,24 +50,22 @@ SHUTTING_DOWN = "proxy is shutting down"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_upstream(settings: Settings) -> Upstream:
-    kind = settings.effective_upstream_kind
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+def build_upstream(config: UpstreamSettings, settings: Settings) -> Upstream:
+    """The upstream of one model version."""
+    kind = config.kind
     if kind == "tei":
         from proxy.upstream.tei import TeiUpstream
 
-        return TeiUpstream(
-            settings.upstream_urls, timeout_s=settings.upstream_timeout, api_key=api_key
-        )
+        return TeiUpstream(config.urls, timeout_s=config.upstream_timeout, api_key=config.api_key)
     if kind == "openai":
         from proxy.upstream.openai import OpenAIUpstream
 
         return OpenAIUpstream(
-            settings.upstream_urls,
-            timeout_s=settings.upstream_timeout,
-            api_key=api_key,
-            model=settings.upstream_model,
-            path=settings.upstream_embeddings_path,
+            config.urls,
+            timeout_s=config.upstream_timeout,
+            api_key=config.api_key,
+            model=config.upstream_model,
+            path=config.upstream_embeddings_path,
         )
     try:
         from proxy.upstream.embedded import EmbeddedUpstream
@@ -89,10 +89,14 @@ PUBLIC_ROUTES = frozenset({
 }) | PUBLIC_DOCS_ROUTES | PUBLIC_STATUS_ROUTES  # fmt: skip
 
 
+ADMIN_PREFIX = "/admin/"
+
+
 def _needs_key(request: web.Request) -> bool:
     # aiohttp answers HEAD on every GET route: HEAD is as public as GET, no more.
     method = "GET" if request.method == "HEAD" else request.method
-    return (method, request.path) not in PUBLIC_ROUTES
+    # Operator routes check ADMIN_TOKEN themselves (as /shutdown does).
+    return (method, request.path) not in PUBLIC_ROUTES and not request.path.startswith(ADMIN_PREFIX)
 
 
 class BodyReadTimeoutError(TimeoutError):
@@ -141,6 +145,7 @@ def _front_middleware(
     middleware alive, so one frame instead of several saves memory when thousands of requests
     wait (benchmarks/ scenario f)."""
     body_timeout_s = settings.body_read_timeout
+    request_timeout_s = settings.request_timeout
     log_access = settings.access_log
 
     @web.middleware
@@ -153,6 +158,18 @@ def _front_middleware(
         obs = observer.begin(request, rid, route, started)
         request[OBSERVATION] = obs
         log_context = REQUEST_CONTEXT.set(obs)
+        arrived = time.monotonic()
+        headers = request.headers
+        # A model named in the path (/models/{name}/...) wins over the X-Model header.
+        ctx = RequestContext(
+            request_id=rid,
+            arrived=arrived,
+            deadline=arrived + request_timeout_s,
+            requested_model=request.match_info.get("name") or headers.get("X-Model"),
+            user=headers.get("X-User-Id"),
+            route=route,
+        )
+        request[CONTEXT] = ctx
         draining = request.app[DRAINING]
         response: web.StreamResponse
         # A body still arriving must arrive within BODY_READ_TIMEOUT (slow clients hold a
@@ -212,6 +229,9 @@ def _front_middleware(
         if draining.is_set():
             response.force_close()  # clients reconnect, and find a serving replica
         response.headers["X-Request-ID"] = rid
+        served_as = ctx.served_as
+        if served_as is not None and "X-Model" not in response.headers:
+            response.headers["X-Model"] = served_as
         elapsed_s = time.perf_counter() - started
         metrics.requests.labels(route, str(response.status)).inc()
         metrics.request_duration.labels(route).observe(elapsed_s)
@@ -241,7 +261,7 @@ async def _finish_accepted_work(app: web.Application) -> None:
     # Jobs in hand first (they need the batcher), then everything queued in the batcher and
     # in flight upstream.
     await app[JOBS].drain()
-    await app[SERVICE].drain()
+    await app[REGISTRY].drain()
 
 
 async def drain(app: web.Application, timeout_s: float) -> bool:
@@ -278,7 +298,7 @@ async def close(app: web.Application) -> None:
     try:
         await app[JOBS].close()
     finally:
-        await app[SERVICE].close()
+        await app[REGISTRY].close()
 
 
 def _build_hooks(
@@ -334,7 +354,7 @@ async def _close_observer(observer: Observer, capture: CaptureWriter | None) -> 
 def create_app(
     settings: Settings,
     *,
-    upstream_factory: Callable[[Settings], Upstream] = build_upstream,
+    upstream_factory: UpstreamFactory = build_upstream,
     tracer_provider: TracerProvider | None = None,
 ) -> web.Application:
     metrics = Metrics()
@@ -356,9 +376,7 @@ def create_app(
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        service = EmbeddingService(
-            "default", upstream_factory(settings), settings, metrics, tracing=observer.tracing
-        )
+        registry = Registry(settings, metrics, upstream_factory, tracing=observer.tracing)
         jobs = build_job_store(
             settings.job_store,
             max_jobs=settings.max_jobs,
@@ -369,7 +387,7 @@ def create_app(
             max_bytes=settings.max_job_bytes,
             job_timeout_s=settings.job_timeout,
         )
-        app[SERVICE] = service
+        app[REGISTRY] = registry
         app[JOBS] = jobs
         if jobs.kind == "memory" and settings.workers > 1:
             log.warning(
@@ -378,18 +396,23 @@ def create_app(
                 settings.workers,
             )
 
-        async def run_job(text: str, job_deadline: float) -> list[float]:
-            # Jobs meet every other caller in the same batcher. One attempt lasts as long as
-            # a request may, but never past the job's own lifetime (JOB_TIMEOUT).
-            deadline = min(time.monotonic() + settings.request_timeout, job_deadline)
-            vectors = await service.embed([text], EmbedOptions(), deadline=deadline)
+        async def run_job(text: str, job_deadline: float, model: str | None) -> list[float]:
+            # Jobs meet every other caller in the same batcher, on the version they were
+            # accepted for (or, if that one has left since, the model's split). One attempt
+            # lasts as long as a request may, but never past the job's own lifetime.
+            ctx = RequestContext.internal(
+                timeout_s=settings.request_timeout,
+                requested_model=model,
+                deadline_limit=job_deadline,
+            )
+            _, vectors = await registry.embed([text], EmbedOptions(), ctx, fall_back_to_split=True)
             return as_floats(vectors[0])
 
         refresher = None
         try:
             if capture is not None:
                 capture.start()
-            await service.start()
+            await registry.start()
             await jobs.start(run_job)
             if metrics.multiprocess_dir is not None:
                 refresher = asyncio.ensure_future(_refresh_metrics(metrics))

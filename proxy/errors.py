@@ -18,6 +18,8 @@ class ErrorType(StrEnum):
     # The proxy's own, for faults TEI itself never reports.
     TIMEOUT = "Timeout"
     UPSTREAM = "Upstream"
+    NOT_FOUND = "NotFound"
+    CONFLICT = "Conflict"
 
 
 EMPTY_INPUT_MESSAGE = "Input validation error: `inputs` cannot be empty"
@@ -57,6 +59,25 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.message!r}, {self.error_type!r})"
+
+
+class ModelNotFoundError(ApiError):
+    """A model (or name@version) the registry does not route to. On the OpenAI routes it is
+    answered in OpenAI's own body, whose ``code`` the openai SDK exposes as ``model_not_found``."""
+
+    def __init__(self, model: str, detail: str = "") -> None:
+        super().__init__(404, f"model `{model}` not found{detail}", ErrorType.NOT_FOUND)
+        self.model = model
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": f"The model `{self.model}` does not exist.",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        }
 
 
 def empty_input() -> ApiError:

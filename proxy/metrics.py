@@ -44,6 +44,12 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+# Per-model metrics carry the model's name and version (name@version is what a caller got).
+MV = ["model", "version"]
+SHADOW = ["model", "version", "shadow_version"]
+# Cosine similarity between a primary vector and its shadow's: fine steps near 1, where two
+# versions of a model that agree land.
+COSINE_BUCKETS = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 
 
@@ -77,93 +83,93 @@ class Metrics:
             registry=r,
         )
         self.request_items = Counter(
-            "proxy_request_items", "Input items received, by model.", ["model"], registry=r
+            "proxy_request_items", "Input items received, by model.", MV, registry=r
         )
         # livesum: across workers, the sum over the live ones (a dead worker's queue is gone).
         self.queue_depth = Gauge(
             "proxy_queue_depth",
             "Items waiting in the batcher.",
-            ["model"],
+            MV,
             registry=r,
             multiprocess_mode="livesum",
         )
         self.in_flight_batches = Gauge(
             "proxy_upstream_in_flight",
             "Upstream calls in flight.",
-            ["model"],
+            MV,
             registry=r,
             multiprocess_mode="livesum",
         )
         self.concurrency_limit = Gauge(
             "proxy_concurrency_limit",
             "Upstream calls the batcher may have in flight at once (summed over workers).",
-            ["model"],
+            MV,
             registry=r,
             multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "proxy_batch_size",
             "Items per upstream call.",
-            ["model"],
+            MV,
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
         self.batch_chars = Histogram(
             "proxy_batch_chars",
             "Characters per upstream call.",
-            ["model"],
+            MV,
             buckets=(64, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
             registry=r,
         )
         self.queue_wait = Histogram(
             "proxy_batch_queue_wait_seconds",
             "How long the oldest item of a batch waited before dispatch.",
-            ["model"],
+            MV,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_duration = Histogram(
             "proxy_upstream_duration_seconds",
             "Upstream call latency.",
-            ["model"],
+            MV,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_calls = Counter(
             "proxy_upstream_calls",
             "Upstream calls by outcome (status code or fault).",
-            ["model", "outcome"],
+            [*MV, "outcome"],
             registry=r,
         )
         self.dropped_items = Counter(
             "proxy_dropped_items",
             "Items dropped before dispatch (cancelled: the caller went away; deadline: "
             "its time ran out).",
-            ["model", "reason"],
+            [*MV, "reason"],
             registry=r,
         )
         self.batch_splits = Counter(
             "proxy_batch_splits",
             "Batches split in two because the upstream refused their inputs as a whole.",
-            ["model"],
+            MV,
             registry=r,
         )
         self.upstream_retries = Counter(
             "proxy_upstream_retries",
             "Upstream calls retried, by fault (overloaded, transient).",
-            ["fault"],
+            [*MV, "fault"],
             registry=r,
         )
         self.breaker_opened = Counter(
             "proxy_breaker_opened",
             "Times the upstream circuit breaker opened.",
-            ["model"],
+            MV,
             registry=r,
         )
         self.rejected = Counter(
             "proxy_rejected_requests",
             "Requests refused before queueing, by reason.",
-            ["reason"],
+            [*MV, "reason"],
             registry=r,
         )
 
@@ -209,6 +215,29 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.shadow_requests = Counter(
+            "proxy_shadow_requests",
+            "Requests copied to a shadow version, by outcome (ok, error, dropped).",
+            [*SHADOW, "outcome"],
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "proxy_shadow_duration_seconds",
+            "Latency of shadow requests (after the caller was answered).",
+            SHADOW,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_cosine = Histogram(
+            "proxy_shadow_cosine",
+            "Cosine similarity between the primary and the shadow vector of each input.",
+            SHADOW,
+            buckets=COSINE_BUCKETS,
+            registry=r,
+        )
+        # Who feeds each (model, version)'s gauges: a replaced version's successor binds
+        # before its predecessor closes, and that close must not unbind the successor.
+        self._gauge_owners: dict[tuple[str, str], object] = {}
 
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Let ``gauge`` show ``read()``: at scrape time in one process; copied every second
@@ -216,6 +245,8 @@ class Metrics:
         if self.multiprocess_dir is None:
             gauge.set_function(read)
         else:
+            # One reader per gauge: a version's successor replaces its predecessor's.
+            self._tracked = [(g, r) for g, r in self._tracked if g is not gauge]
             self._tracked.append((gauge, read))
             gauge.set(read())
 
@@ -236,6 +267,35 @@ class Metrics:
     def collect(self) -> Iterable[Metric]:
         """Every metric family, over all workers when there are several."""
         return self._source().collect()
+
+    def bind_version(
+        self,
+        model: str,
+        version: str,
+        *,
+        owner: object,
+        queue_depth: Callable[[], float],
+        in_flight: Callable[[], float],
+        concurrency_limit: Callable[[], float],
+    ) -> None:
+        self._gauge_owners[(model, version)] = owner
+        self.track(self.queue_depth.labels(model, version), queue_depth)
+        self.track(self.in_flight_batches.labels(model, version), in_flight)
+        self.track(self.concurrency_limit.labels(model, version), concurrency_limit)
+
+    def unbind_version(self, model: str, version: str, *, owner: object) -> None:
+        """Drop the version's gauges (they read a closed batcher) unless a successor fed them
+        meanwhile. Counters and histograms stay: their totals are history."""
+        if self._gauge_owners.get((model, version)) is not owner:
+            return
+        del self._gauge_owners[(model, version)]
+        for gauge in (self.queue_depth, self.in_flight_batches, self.concurrency_limit):
+            child = gauge.labels(model, version)
+            self._tracked = [(g, r) for g, r in self._tracked if g is not child]
+            if self.multiprocess_dir is not None:
+                child.set(0)  # other workers read this worker's file: leave a zero there
+            else:
+                gauge.remove(model, version)
 
     def render(self) -> bytes:
         return generate_latest(self._source())

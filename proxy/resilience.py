@@ -212,6 +212,13 @@ class ResilientUpstream:
     def ejected_count(self) -> int:
         return sum(1 for s in self._replicas if s.ejected)
 
+    def replica_status(self) -> list[dict[str, Any]]:
+        """Each replica's name, whether it is ejected, and its calls in flight."""
+        return [
+            {"url": s.replica.name, "ejected": s.ejected, "in_flight": s.in_flight}
+            for s in self._replicas
+        ]
+
     async def close(self) -> None:
         """Stop the probers. The upstream itself belongs to the caller."""
         for task in list(self._tasks):

@@ -30,7 +30,8 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.app import close, create_app, drain
-from proxy.http.keys import SHUTDOWN
+from proxy.errors import ApiError
+from proxy.http.keys import DRAINING, REGISTRY, SHUTDOWN
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy")
@@ -270,6 +271,23 @@ async def _supervised(supervision: Supervision, stop: asyncio.Event) -> None:
         await asyncio.sleep(_HEARTBEAT_INTERVAL_S)
 
 
+async def _reload(app: web.Application) -> None:
+    registry = app.get(REGISTRY)
+    if registry is None or app[DRAINING].is_set():
+        log.warning("SIGHUP ignored: the proxy is starting or stopping")
+        return
+    if registry.config_path is None:
+        log.warning("SIGHUP ignored: MODELS_CONFIG is not set")
+        return
+    log.info("SIGHUP: reloading MODELS_CONFIG %s", registry.config_path)
+    try:
+        summary = await registry.reload()
+    except ApiError as exc:
+        log.error("reload refused, nothing changed: %s", exc.message)
+    else:
+        log.info("reload applied: %s", summary)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -287,9 +305,18 @@ async def serve(
         by_signal = True
         stop.set()
 
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        # SIGHUP: re-read MODELS_CONFIG, as POST /admin/reload does.
+        task = asyncio.ensure_future(_reload(app))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     beating = (
         asyncio.ensure_future(_supervised(supervision, stop)) if supervision is not None else None
     )
@@ -348,6 +375,9 @@ async def serve(
         await runner.cleanup()
         log.info("stopped after draining for %.2fs", time.monotonic() - started)
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads:
+            task.cancel()
         if beating is not None:
             beating.cancel()
         sock.close()

@@ -1,10 +1,14 @@
-"""One model's embedding service: validation, the batcher and the upstream behind it.
+"""One model version's embedding service: its input rules, its batcher, and the resilient
+upstream behind them.
 
-The HTTP layer calls :meth:`EmbeddingService.embed` with parsed inputs; it never sees the
-batcher. The batcher never sees HTTP. This is the only place that knows both the upstream's
-limits and the batching settings. It has three parts: the input rules (``validate``), the
-resilient upstream (:class:`proxy.resilience.ResilientUpstream`: retries, breaker, replica
-choice) and the bisector (``_process``), which finds the items an upstream refused.
+The HTTP layer reaches it through the registry (:mod:`proxy.registry`), which picks a version
+and calls :meth:`EmbeddingService.embed` with parsed inputs and the request's context; it
+never sees the batcher. The batcher never sees HTTP. The service is put together from three
+parts, split as TEI and Infinity split theirs: the input rules (:class:`proxy.rules.InputRules`),
+the resilient upstream (:class:`proxy.resilience.ResilientUpstream`: retries, breaker, replica
+choice) and the bisector (:class:`proxy.bisector.Bisector`), which finds the items an upstream
+refused. Each version has its own of each, so one model's trouble (an open breaker, a full
+queue, a slow upstream) never blocks another's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from proxy import errors
@@ -26,6 +29,8 @@ from proxy.batcher import (
     DeadlineExceededError,
     QueueFullError,
 )
+from proxy.bisector import Bisector, Item
+from proxy.context import RequestContext
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
 from proxy.resilience import (
@@ -35,37 +40,23 @@ from proxy.resilience import (
     ResilientUpstream,
     classify,
 )
-from proxy.settings import Settings
-from proxy.token_ids import fit_token_ids
+from proxy.rules import TEI_MAX_CHAR_MULTIPLIER, InputRules
+from proxy.settings import Settings, UpstreamSettings
 from proxy.tracing import RequestSpan, Tracing
 from proxy.upstream.base import EmbedInput, EmbedOptions, Upstream, UpstreamInfo, Vector
 
+__all__ = ["TEI_MAX_CHAR_MULTIPLIER", "EmbeddingService", "RetiredError", "input_cost"]
+
 log = logging.getLogger(__name__)
-
-# TEI's MAX_CHAR_MULTIPLIER: with truncation off, inputs over max_input_length * 250
-# characters are refused before tokenisation (core/src/tokenization.rs).
-TEI_MAX_CHAR_MULTIPLIER = 250
-# A harmless input for telling a batch-wide refusal from two items refused alike.
-_PROBE_INPUT = "a"
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    input: EmbedInput
-    options: EmbedOptions
-    deadline: float
-    # The request's span (tracing on), and when the item was queued, for its queue wait.
-    trace: RequestSpan | None = None
-    queued_at: float = 0.0
 
 
 class _MetricsObserver(BatchObserver):
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._size = metrics.batch_size.labels(model)
-        self._chars = metrics.batch_chars.labels(model)
-        self._wait = metrics.queue_wait.labels(model)
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._size = metrics.batch_size.labels(model, version)
+        self._chars = metrics.batch_chars.labels(model, version)
+        self._wait = metrics.queue_wait.labels(model, version)
         self._dropped = metrics.dropped_items
-        self._model = model
+        self._labels = (model, version)
 
     def batch_dispatched(self, size: int, cost: float, oldest_wait_s: float) -> None:
         self._size.observe(size)
@@ -73,28 +64,36 @@ class _MetricsObserver(BatchObserver):
         self._wait.observe(oldest_wait_s)
 
     def item_dropped(self, reason: str) -> None:
-        self._dropped.labels(self._model, reason).inc()
+        self._dropped.labels(*self._labels, reason).inc()
 
 
 class _UpstreamMetrics:
-    """Metrics for :class:`ResilientUpstream` (a :class:`proxy.resilience.CallObserver`)."""
+    """Metrics for :class:`ResilientUpstream` (a :class:`proxy.resilience.CallObserver`).
+    Bound to its labels once the service knows its model's name (at start)."""
 
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._duration = metrics.upstream_duration.labels(model)
-        self._calls = metrics.upstream_calls
-        self._retries = metrics.upstream_retries
-        self._breaker_opened = metrics.breaker_opened.labels(model)
-        self._model = model
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._labels = ("", "")
+
+    def bind(self, model: str, version: str) -> None:
+        self._labels = (model, version)
+        self._duration = self._metrics.upstream_duration.labels(model, version)
+        self._breaker_opened = self._metrics.breaker_opened.labels(model, version)
 
     def call_finished(self, outcome: str, seconds: float) -> None:
         self._duration.observe(seconds)
-        self._calls.labels(self._model, outcome).inc()
+        self._metrics.upstream_calls.labels(*self._labels, outcome).inc()
 
     def retried(self, fault: Fault) -> None:
-        self._retries.labels(fault.value).inc()
+        self._metrics.upstream_retries.labels(*self._labels, fault.value).inc()
 
     def breaker_opened(self) -> None:
         self._breaker_opened.inc()
+
+
+class RetiredError(ApiError):
+    """The version left routing before this request was queued; the registry routes the
+    request again (to whatever routing picks now)."""
 
 
 def _is_item_fault(exc: BaseException) -> bool:
@@ -108,27 +107,36 @@ def input_cost(item: EmbedInput) -> int:
 
 
 class EmbeddingService:
+    """One version of one model. ``model`` None: named after the upstream's model id, once
+    it answered (the one model of a proxy without MODELS_CONFIG)."""
+
     def __init__(
         self,
-        name: str,
+        model: str | None,
+        version: str,
         upstream: Upstream,
         settings: Settings,
+        config: UpstreamSettings,
         metrics: Metrics,
         *,
         tracing: Tracing | None = None,
     ) -> None:
-        self.name = name
+        self.model = model
+        self.version = version
         self.tracing = tracing
         self.upstream = upstream
         self.settings = settings
+        self.config = config
         self.metrics = metrics
         self.info: UpstreamInfo | None = None
-        self._dimension: int | None = None
-        self._batcher: Batcher[_Item, Vector] | None = None
-        self._queue_gauge = metrics.queue_depth.labels(name)
-        self._in_flight_gauge = metrics.in_flight_batches.labels(name)
-        self._items_counter = metrics.request_items.labels(name)
-        self._splits = metrics.batch_splits.labels(name)
+        self.rules = InputRules(
+            upstream,
+            max_client_batch_size=settings.max_client_batch_size,
+            max_queue_size=config.max_queue_size,
+            max_input_chars=settings.max_input_chars,
+        )
+        self._batcher: Batcher[Item, Vector] | None = None
+        self._upstream_metrics = _UpstreamMetrics(metrics)
         self.resilient = ResilientUpstream(
             upstream,
             ResilienceConfig(
@@ -138,55 +146,75 @@ class EmbeddingService:
                 eject_after=settings.replica_eject_after,
                 probe_interval_s=settings.replica_probe_interval,
             ),
-            observer=_UpstreamMetrics(metrics, name),
+            observer=self._upstream_metrics,
             check=self._check_dimension,
         )
+        self._bisector = Bisector(self._call_upstream, self._count_split)
         self._draining = False
+        # Taken out of routing by the registry (removed or replaced): callers that picked it
+        # just before are sent to the version that routing picks now.
+        self.retired = False
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}@{self.version}"
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         info = await self.upstream.start()
         self.info = info
-        self._dimension = info.embedding_dimension
+        self.rules.learn(info)
+        if self.model is None:
+            self.model = self.served_model_name
+        model, version = self.model, self.version
+        c = self.config
         s = self.settings
-        batch_size = min(s.max_batch_size, info.max_client_batch_size)
+        batch_size = min(c.max_batch_size, info.max_client_batch_size)
         # Never hold more items in the upstream than it admits (TEI's permits are per item:
         # past max_concurrent_requests it answers 429 for the whole call).
         concurrency = min(
-            s.max_concurrent_batches, max(1, info.max_concurrent_requests // batch_size)
+            c.max_concurrent_batches, max(1, info.max_concurrent_requests // batch_size)
         )
-        self._batcher = Batcher(
+        self._upstream_metrics.bind(model, version)
+        self._items_counter = self.metrics.request_items.labels(model, version)
+        self._splits = self.metrics.batch_splits.labels(model, version)
+        self._rejected = self.metrics.rejected.labels(model, version, "queue_full")
+        batcher: Batcher[Item, Vector] = Batcher(
             self._process,
             BatcherConfig(
                 max_batch_size=batch_size,
-                max_wait_s=s.max_wait_s,
+                max_wait_s=c.max_wait_s,
                 max_concurrent_batches=concurrency,
                 eager_slots=min(s.eager_batches, concurrency),
                 policy=s.dispatch_policy,
                 max_batch_cost=s.max_batch_chars,
-                max_queue_size=s.max_queue_size,
+                max_queue_size=c.max_queue_size,
             ),
-            observer=_MetricsObserver(self.metrics, self.name),
+            observer=_MetricsObserver(self.metrics, model, version),
         )
-        self.metrics.track(self._queue_gauge, lambda: self.batcher.queue_depth)
-        self.metrics.track(self._in_flight_gauge, lambda: self.batcher.in_flight)
-        self.metrics.track(
-            self.metrics.concurrency_limit.labels(self.name),
-            lambda: self.batcher.config.max_concurrent_batches,
+        self._batcher = batcher
+        self.metrics.bind_version(
+            model,
+            version,
+            owner=self,
+            queue_depth=lambda: batcher.queue_depth,
+            in_flight=lambda: batcher.in_flight,
+            concurrency_limit=lambda: batcher.config.max_concurrent_batches,
         )
         log.info(
             "model %s via %s upstream (%s): effective batch size %d = min(MAX_BATCH_SIZE=%d, "
             "upstream max_client_batch_size=%d); dispatch=%s, max_wait=%gms, "
             "max_concurrent_batches=%d (upstream admits %d items), max_batch_chars=%d",
-            self.name,
+            self.label,
             self.upstream.kind,
             info.model_id,
             batch_size,
-            s.max_batch_size,
+            c.max_batch_size,
             info.max_client_batch_size,
             s.dispatch,
-            s.max_wait_time,
+            c.max_wait_time,
             concurrency,
             info.max_concurrent_requests,
             s.max_batch_chars,
@@ -197,7 +225,7 @@ class EmbeddingService:
         return self.resilient.breaker
 
     @property
-    def batcher(self) -> Batcher[_Item, Vector]:
+    def batcher(self) -> Batcher[Item, Vector]:
         if self._batcher is None:
             raise RuntimeError("service not started")
         return self._batcher
@@ -206,6 +234,19 @@ class EmbeddingService:
     def started(self) -> bool:
         return self._batcher is not None
 
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth if self._batcher is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._batcher.in_flight if self._batcher is not None else 0
+
+    @property
+    def concurrency_limit(self) -> int | None:
+        """Upstream calls this version may have in flight now."""
+        return self._batcher.config.max_concurrent_batches if self._batcher is not None else None
+
     async def drain(self) -> None:
         """Refuse new work, dispatch everything queued and wait for calls in flight."""
         self._draining = True
@@ -213,10 +254,29 @@ class EmbeddingService:
             await self._batcher.drain()
 
     async def close(self) -> None:
-        await self.resilient.close()
-        if self._batcher is not None:
-            await self._batcher.aclose()
-        await self.upstream.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._draining = True
+        try:
+            await self.resilient.close()
+            if self._batcher is not None:
+                await self._batcher.aclose()
+            await self.upstream.close()
+        finally:
+            if self.model is not None:
+                self.metrics.unbind_version(self.model, self.version, owner=self)
+
+    async def retire(self, timeout_s: float) -> None:
+        """Out of routing: finish what it holds (for at most ``timeout_s``), then close."""
+        self.retired = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.drain()
+        except TimeoutError:
+            log.warning("%s: still busy after %gs of draining; closing it", self.label, timeout_s)
+        finally:
+            await self.close()
 
     async def unhealthy_reason(self) -> str | None:
         """None when ready to serve; otherwise why not (for /health's 503)."""
@@ -235,71 +295,16 @@ class EmbeddingService:
     @property
     def served_model_name(self) -> str:
         if self.info is None:
-            return self.name
+            return self.model or ""
         return str(self.info.raw.get("served_model_name") or self.info.model_id)
 
     @property
     def effective_batch_size(self) -> int:
         return self.batcher.config.max_batch_size
 
-    def _auto_truncate(self) -> bool:
-        return self.info.auto_truncate if self.info is not None else True
-
-    def _max_chars(self, options: EmbedOptions) -> tuple[int | None, bool]:
-        """The character limit for one input, and whether it is TEI's own rule."""
-        if self.settings.max_input_chars is not None:
-            return self.settings.max_input_chars, False
-        truncate = options.truncate if options.truncate is not None else self._auto_truncate()
-        if truncate or self.info is None:
-            return None, True
-        return self.info.max_input_length * TEI_MAX_CHAR_MULTIPLIER, True
-
     def validate(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> None:
         """Refuse bad input before it can reach the batcher or a neighbour's batch."""
-        self._validate_request(inputs, options)
-        for item in inputs:
-            self._validate_item(item, options)
-
-    def _validate_request(self, inputs: Sequence[EmbedInput], options: EmbedOptions) -> None:
-        if not inputs:
-            raise errors.empty_input()
-        limit = self.settings.max_client_batch_size
-        if len(inputs) > limit:
-            raise errors.batch_too_large(len(inputs), limit)
-        queue_limit = self.settings.max_queue_size
-        if len(inputs) > queue_limit:
-            # It could never be queued, however long the caller waits: not a 429.
-            raise errors.validation(
-                f"batch size {len(inputs)} > MAX_QUEUE_SIZE={queue_limit}: the proxy never "
-                "queues more items than that at once"
-            )
-        unsupported = self.upstream.unsupported(options)
-        if unsupported is not None:
-            raise errors.validation(unsupported)
-        if options.dimensions is not None:
-            if options.dimensions <= 0:
-                raise errors.validation("Input validation error: `dimensions` should be positive")
-            if self._dimension is not None and options.dimensions > self._dimension:
-                raise errors.validation(
-                    "Input validation error: `dimensions` should be smaller than the maximum "
-                    "embedding dimension."
-                )
-
-    def _validate_item(self, item: EmbedInput, options: EmbedOptions) -> None:
-        n = len(item)
-        if n == 0:
-            raise errors.empty_input()
-        max_chars, tei_rule = self._max_chars(options)
-        if max_chars is not None and n > max_chars:
-            if tei_rule:
-                raise errors.validation(
-                    f"Input validation error: `inputs` must have less than {max_chars} "
-                    f"characters. Given: {n}"
-                )
-            raise errors.validation(
-                f"Input validation error: `inputs` must have less than {max_chars} "
-                f"characters (MAX_INPUT_CHARS). Given: {n}"
-            )
+        self.rules.validate(inputs, options)
 
     # -- embedding ----------------------------------------------------------------------
 
@@ -307,45 +312,47 @@ class EmbeddingService:
         self,
         inputs: Sequence[EmbedInput],
         options: EmbedOptions,
+        ctx: RequestContext,
         *,
-        deadline: float,
         trace: RequestSpan | None = None,
     ) -> list[Vector]:
         """Embed ``inputs``; each item is batched with other callers' and put back in order.
 
-        ``deadline`` is a ``time.monotonic()`` instant. Like TEI, the request fails as a whole
-        on its first failing item.
+        ``ctx.deadline`` (a ``time.monotonic()`` instant) bounds queueing, calls and retries.
+        Like TEI, the request fails as a whole on its first failing item.
         """
-        self.validate(inputs, options)
-        inputs = fit_token_ids(inputs, options, self.info)  # cut or refuse long id lists
-        results = await self._run(inputs, options, deadline, fail_fast=True, trace=trace)
+        self.rules.validate(inputs, options)
+        inputs = self.rules.fit(inputs, options)  # cut or refuse long id lists
+        results = await self._run(inputs, options, ctx.deadline, fail_fast=True, trace=trace)
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def embed_each(
         self,
         inputs: Sequence[EmbedInput],
         options: EmbedOptions,
+        ctx: RequestContext,
         *,
-        deadline: float,
         trace: RequestSpan | None = None,
     ) -> list[Vector | ApiError]:
         """Like :meth:`embed`, but an item that fails on its own (the proxy's validation, or the
         upstream refusing that input) gets its error in its slot while the others succeed.
         Any other fault (overload, an unwell upstream, the breaker, shutdown, timeout) fails
         the whole request at once."""
-        self._validate_request(inputs, options)
+        self.rules.validate_request(inputs, options)
         slots: list[Vector | ApiError | None] = []
         valid: list[EmbedInput] = []
         for item in inputs:
             try:
-                self._validate_item(item, options)
+                self.rules.validate_item(item, options)
             except ApiError as exc:
                 slots.append(exc)
             else:
                 slots.append(None)
                 valid.append(item)
         results = iter(
-            await self._run(valid, options, deadline, fail_fast=False, trace=trace) if valid else []
+            await self._run(valid, options, ctx.deadline, fail_fast=False, trace=trace)
+            if valid
+            else []
         )
         out: list[Vector | ApiError] = []
         for slot in slots:
@@ -368,11 +375,13 @@ class EmbeddingService:
     ) -> list[Vector | BaseException]:
         batcher = self.batcher
         if self._draining or batcher.closing:
+            if self.retired:
+                raise RetiredError(503, f"version {self.label} left routing", "Unhealthy")
             raise errors.unavailable("proxy is shutting down")
         limit = batcher.config.max_queue_size
         if limit is not None and batcher.queue_depth + len(inputs) > limit:
             # All or nothing: never queue half a request that cannot be finished.
-            self.metrics.rejected.labels("queue_full").inc()
+            self._rejected.inc()
             raise errors.overloaded()
         self._items_counter.inc(len(inputs))
         futures: list[asyncio.Future[Vector]] = []
@@ -381,7 +390,7 @@ class EmbeddingService:
             for item in inputs:
                 futures.append(
                     batcher.submit_nowait(
-                        _Item(item, options, deadline, trace, queued_at),
+                        Item(item, options, deadline, trace, queued_at),
                         key=options,
                         cost=input_cost(item),
                         deadline=deadline,
@@ -396,10 +405,10 @@ class EmbeddingService:
                 return await self._gather_item_faults(futures)
         except TimeoutError as exc:
             raise errors.timeout(
-                f"request took longer than REQUEST_TIMEOUT={self.settings.request_timeout:g}s"
+                f"request took longer than REQUEST_TIMEOUT={self.config.request_timeout:g}s"
             ) from exc
         except QueueFullError as exc:
-            self.metrics.rejected.labels("queue_full").inc()
+            self._rejected.inc()
             raise errors.overloaded() from exc
         except (
             BatcherClosedError,
@@ -446,74 +455,19 @@ class EmbeddingService:
             return errors.bad_upstream(str(exc))
         return ApiError(500, "internal error", errors.ErrorType.BACKEND)
 
-    async def _process(self, items: list[_Item]) -> list[Vector | BaseException]:
-        """One batch. If the upstream refuses it for its inputs without naming one, split it
-        and retry the halves, so only the offending items fail and their neighbours succeed."""
+    async def _process(self, items: list[Item]) -> list[Vector | BaseException]:
+        """One batch, through the bisector (which finds the items an upstream refused)."""
         if self.tracing is not None:
             now = time.monotonic()
             for item in items:
                 if item.trace is not None:
                     item.trace.note_batch(now - item.queued_at, len(items))
-        try:
-            return list(await self._call_upstream(items))
-        except ApiError as exc:
-            if classify(exc) is not Fault.ITEM:
-                raise
-            return await self._bisect(items, exc, item_specific=False)
+        return await self._bisector.process(items)
 
-    async def _bisect(
-        self, items: list[_Item], exc: ApiError, *, item_specific: bool
-    ) -> list[Vector | BaseException]:
-        """``items`` were refused with ``exc``, an item fault: find which items are at fault.
-
-        If both halves are refused with the very same error, the refusal is probably not
-        about any one item (e.g. an unknown ``prompt_name``): one call with a harmless input
-        settles it, and if that is refused alike, every item gets the error at once instead
-        of ~2n calls. Two bad items that fail alike (same message) keep being split; once the
-        harmless input passed (``item_specific``), no further probe is needed.
-        """
-        if len(items) == 1:
-            return [exc]
+    def _count_split(self) -> None:
         self._splits.inc()
-        mid = len(items) // 2
-        halves = (items[:mid], items[mid:])
-        # Halves go one after the other: splitting must not exceed the upstream's
-        # concurrency bound that the batcher keeps.
-        outcomes = [await self._try_upstream(half) for half in halves]
-        left, right = outcomes
-        if (
-            not item_specific
-            and len(items) > 2
-            and isinstance(left, ApiError)
-            and isinstance(right, ApiError)
-            and _same_error(left, right)
-        ):
-            if await self._refused_for_any_input(items, left):
-                return [left] * len(items)
-            item_specific = True
-        results: list[Vector | BaseException] = []
-        for half, outcome in zip(halves, outcomes, strict=True):
-            if isinstance(outcome, ApiError):
-                results.extend(await self._bisect(half, outcome, item_specific=item_specific))
-            else:
-                results.extend(outcome)
-        return results
 
-    async def _try_upstream(self, items: list[_Item]) -> list[Vector] | ApiError:
-        """A call whose item fault is returned, not raised; other faults still raise."""
-        try:
-            return await self._call_upstream(items)
-        except ApiError as exc:
-            if classify(exc) is not Fault.ITEM:
-                raise
-            return exc
-
-    async def _refused_for_any_input(self, items: list[_Item], exc: ApiError) -> bool:
-        probe = _Item(_PROBE_INPUT, items[0].options, max(item.deadline for item in items))
-        outcome = await self._try_upstream([probe])
-        return isinstance(outcome, ApiError) and _same_error(outcome, exc)
-
-    async def _call_upstream(self, items: list[_Item]) -> list[Vector]:
+    async def _call_upstream(self, items: Sequence[Item]) -> list[Vector]:
         """One upstream call, with the resilient upstream's retries and replica choice, until
         the latest caller's deadline."""
         inputs = [item.input for item in items]
@@ -535,9 +489,9 @@ class EmbeddingService:
         if options.dimensions is not None:
             expected: int | None = options.dimensions
         else:
-            if self._dimension is None:
-                self._dimension = dim
-            expected = self._dimension
+            if self.rules.dimension is None:
+                self.rules.dimension = dim
+            expected = self.rules.dimension
         if dim != expected or any(len(v) != dim for v in vectors):
             raise errors.bad_upstream(
                 f"upstream answered vectors of {dim} dimensions, expected {expected}"
@@ -550,40 +504,36 @@ class EmbeddingService:
         info = self.info
         body: dict[str, Any] = dict(info.raw) if info is not None else {}
         s = self.settings
+        c = self.config
         upstream_limits = {
             "max_client_batch_size": info.max_client_batch_size if info else None,
             "max_input_length": info.max_input_length if info else None,
             "max_concurrent_requests": info.max_concurrent_requests if info else None,
         }
         body["max_client_batch_size"] = s.max_client_batch_size
-        body["max_concurrent_requests"] = s.max_queue_size
+        body["max_concurrent_requests"] = c.max_queue_size
         body["proxy"] = {
             "version": _version(),
-            "model": self.name,
+            "model": self.model,
+            "model_version": self.version,
             "upstream_kind": self.upstream.kind,
             "dispatch": s.dispatch,
-            "max_wait_time_ms": s.max_wait_time,
-            "max_batch_size": s.max_batch_size,
+            "max_wait_time_ms": c.max_wait_time,
+            "max_batch_size": c.max_batch_size,
             "effective_batch_size": self.effective_batch_size if self.started else None,
-            "max_concurrent_batches": s.max_concurrent_batches,
-            "effective_concurrent_batches": (
-                self.batcher.config.max_concurrent_batches if self.started else None
-            ),
-            "eager_batches": min(s.eager_batches, s.max_concurrent_batches),
+            "max_concurrent_batches": c.max_concurrent_batches,
+            "effective_concurrent_batches": self.concurrency_limit,
+            "eager_batches": min(s.eager_batches, c.max_concurrent_batches),
             "max_batch_chars": s.max_batch_chars,
             "max_client_batch_size": s.max_client_batch_size,
-            "max_queue_size": s.max_queue_size,
-            "request_timeout_s": s.request_timeout,
-            "upstream_timeout_s": s.upstream_timeout,
+            "max_queue_size": c.max_queue_size,
+            "request_timeout_s": c.request_timeout,
+            "upstream_timeout_s": c.upstream_timeout,
             "upstream": upstream_limits,
             "upstream_replicas": self.resilient.replica_count,
             "upstream_replicas_ejected": self.resilient.ejected_count,
         }
         return body
-
-
-def _same_error(a: ApiError, b: ApiError) -> bool:
-    return (a.status, a.error_type, a.message) == (b.status, b.error_type, b.message)
 
 
 def _version() -> str:

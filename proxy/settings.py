@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import (
     AliasChoices,
+    BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,6 +36,37 @@ def _refuse_empty(secret: str) -> None:
         raise PydanticCustomError(
             "empty_secret", "is set but empty: unset it, or give it a real secret"
         )
+
+
+UpstreamKind = Literal["tei", "openai", "embedded"]
+
+
+class UpstreamSettings(BaseModel):
+    """The per-model part of the settings: one model version's upstream and its batching
+    limits. Built from the flat settings (one model, no MODELS_CONFIG) or from a version of
+    MODELS_CONFIG, whose missing entries fall back to the flat settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    urls: tuple[str, ...] = ()  # empty for the embedded model
+    kind: UpstreamKind = "embedded"
+    upstream_model: str | None = None
+    upstream_api_key: SecretStr | None = None
+    upstream_embeddings_path: str = "/v1/embeddings"
+    upstream_timeout: float = 30.0
+    request_timeout: float = 60.0
+    max_batch_size: int = 32
+    max_wait_time: float = 5.0
+    max_concurrent_batches: int = 2
+    max_queue_size: int = 2048
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_time / 1000.0
+
+    @property
+    def api_key(self) -> str | None:
+        return self.upstream_api_key.get_secret_value() if self.upstream_api_key else None
 
 
 class Settings(BaseSettings):
@@ -67,6 +100,28 @@ class Settings(BaseSettings):
         "/v1/embeddings", description="Path of the embeddings route of an openai-kind upstream."
     )
     upstream_timeout: float = Field(30.0, gt=0, description="Seconds one upstream call may take.")
+
+    # -- several models -------------------------------------------------------------------
+    models_config: Path | None = Field(
+        None,
+        description="Path of a YAML or JSON file naming several models, their versions, "
+        "traffic split and shadow traffic (README: Several models). Unset: one model from "
+        "the UPSTREAM_* settings.",
+    )
+    model_load_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a version added at run time (admin route, reload, SIGHUP) may "
+        "take to answer /info and a probe embedding; past it the change is refused.",
+    )
+    shadow_queue_size: int = Field(
+        64,
+        ge=1,
+        description="Shadow requests waiting to be sent; past it new ones are dropped.",
+    )
+    shadow_concurrency: int = Field(
+        4, ge=1, description="Shadow requests in flight at once, over all models."
+    )
 
     # -- server ---------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Bind address.")
@@ -444,8 +499,24 @@ class Settings(BaseSettings):
     def upstream_urls(self) -> list[str]:
         return self.upstream_url.split(",") if self.upstream_url else []
 
+    def upstream_settings(self) -> UpstreamSettings:
+        """The one model's upstream settings, from the flat settings."""
+        return UpstreamSettings(
+            urls=tuple(self.upstream_urls),
+            kind=self.effective_upstream_kind,
+            upstream_model=self.upstream_model,
+            upstream_api_key=self.upstream_api_key,
+            upstream_embeddings_path=self.upstream_embeddings_path,
+            upstream_timeout=self.upstream_timeout,
+            request_timeout=self.request_timeout,
+            max_batch_size=self.max_batch_size,
+            max_wait_time=self.max_wait_time,
+            max_concurrent_batches=self.max_concurrent_batches,
+            max_queue_size=self.max_queue_size,
+        )
+
     @property
-    def effective_upstream_kind(self) -> str:
+    def effective_upstream_kind(self) -> UpstreamKind:
         if self.upstream_url is None:
             return "embedded"
         return self.upstream_kind or "tei"

@@ -60,6 +60,8 @@ def _worker_main(
     stop_all: _Shared,
     supervisor_pid: int,
 ) -> None:
+    # A SIGHUP forwarded before serve() listens for it must not end this worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(settings, prefix=f"[worker {index}] ", worker=index)
 
     def touch() -> None:
@@ -138,8 +140,12 @@ def _supervise(settings: Settings, sock: socket.socket, metrics_dir: str) -> int
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop_workers()
 
+    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+        signal_all(signal.SIGHUP)  # every worker reloads MODELS_CONFIG
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     for index in range(settings.workers):
         start(index)
     log.info(

@@ -19,7 +19,7 @@ def fake_vector(text: str) -> list[float]:
 
 
 async def main(url: str, prefix: str, consumer: str, delay_s: float, workers: int) -> None:
-    async def slow(text: str, deadline: float) -> list[float]:
+    async def slow(text: str, deadline: float, model: str | None = None) -> list[float]:
         await asyncio.sleep(delay_s)
         return fake_vector(text)
 

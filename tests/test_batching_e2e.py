@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.app import create_app
-from proxy.http.keys import SERVICE
+from proxy.http.keys import REGISTRY
 from tests.conftest import ProxyFactory, make_settings
 from tests.tei_double import Fault, TeiDouble, TeiDoubleConfig, expected_vector
 
@@ -123,7 +123,7 @@ async def test_upstream_errors_come_back_in_tei_shape(
 async def test_unreachable_upstream_is_503(start_proxy: ProxyFactory, unused_tcp_port: int) -> None:
     client = await start_proxy()
     # Point the running service at a port nobody listens on.
-    upstream = client.app[SERVICE].upstream
+    upstream = client.app[REGISTRY].service().upstream
     upstream._replicas[0].base_url = f"http://127.0.0.1:{unused_tcp_port}"  # type: ignore[attr-defined]
     resp = await client.post("/embed", json={"inputs": "x"})
     assert resp.status == 503

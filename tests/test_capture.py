@@ -43,7 +43,7 @@ async def test_every_request_is_captured_at_rate_1_without_raw_text(
     meta = first["eventMetadata"]
     assert first["eventVersion"] == "0"
     assert meta["requestId"] == "cap-1" and meta["route"] == "/embed"
-    assert meta["model"] == "default" and meta["version"] is None
+    assert meta["model"] == "test-double/tei" and meta["version"] == "1"
     assert meta["status"] == 200 and meta["latencyMs"] > 0 and meta["eventId"]
     assert meta["inferenceTime"].endswith("Z")
     data = first["captureData"]

@@ -113,14 +113,14 @@ async def test_metrics_expose_batching(start_proxy: ProxyFactory, tei_double: Te
     tei_double.config.delay_base_s = 0.1
     client = await start_proxy(max_concurrent_batches=1, eager_batches=1)
     before = samples(await (await client.get("/metrics")).text())
-    assert value(before, "proxy_queue_depth", model="default") == 0
+    assert value(before, "proxy_queue_depth", model="test-double/tei", version="1") == 0
     loop = asyncio.get_running_loop()
 
     async def scrape_until(name: str, predicate: Any) -> dict[Any, float]:
         deadline = loop.time() + 5
         while True:
             page = samples(await (await client.get("/metrics")).text())
-            if predicate(value(page, name, model="default")):
+            if predicate(value(page, name, model="test-double/tei", version="1")):
                 return page
             assert loop.time() < deadline, f"{name} never changed"
             await asyncio.sleep(0.005)
@@ -133,7 +133,7 @@ async def test_metrics_expose_batching(start_proxy: ProxyFactory, tei_double: Te
     await scrape_until("proxy_upstream_in_flight", lambda v: v == 1)
     requests += [post(i) for i in range(1, 20)]
     during = await scrape_until("proxy_queue_depth", lambda v: v > 0)
-    assert value(during, "proxy_upstream_in_flight", model="default") == 1
+    assert value(during, "proxy_upstream_in_flight", model="test-double/tei", version="1") == 1
     responses = await asyncio.gather(*requests)
     assert [r.status for r in responses] == [200] * 20
 
@@ -143,15 +143,29 @@ async def test_metrics_expose_batching(start_proxy: ProxyFactory, tei_double: Te
     assert value(page, "proxy_requests_total", route="/embed", status="200") == 20
     assert value(page, "proxy_request_duration_seconds_count", route="/embed") == 20
     # The batch-size histogram saw every item once, in as many batches as upstream calls.
-    assert value(page, "proxy_batch_size_sum", model="default") == 20
-    assert value(page, "proxy_batch_size_count", model="default") == calls
-    assert value(page, "proxy_batch_size_bucket", model="default", le="1.0") < calls
-    assert value(page, "proxy_upstream_calls_total", model="default", outcome="200") == calls
-    assert value(page, "proxy_upstream_duration_seconds_count", model="default") == calls
+    assert value(page, "proxy_batch_size_sum", model="test-double/tei", version="1") == 20
+    assert value(page, "proxy_batch_size_count", model="test-double/tei", version="1") == calls
+    assert (
+        value(page, "proxy_batch_size_bucket", model="test-double/tei", version="1", le="1.0")
+        < calls
+    )
+    assert (
+        value(
+            page, "proxy_upstream_calls_total", model="test-double/tei", version="1", outcome="200"
+        )
+        == calls
+    )
+    assert (
+        value(page, "proxy_upstream_duration_seconds_count", model="test-double/tei", version="1")
+        == calls
+    )
     # Each call took the double's 0.1 s delay.
-    assert value(page, "proxy_upstream_duration_seconds_sum", model="default") >= 0.1 * calls
-    assert value(page, "proxy_queue_depth", model="default") == 0
-    assert value(page, "proxy_upstream_in_flight", model="default") == 0
+    assert (
+        value(page, "proxy_upstream_duration_seconds_sum", model="test-double/tei", version="1")
+        >= 0.1 * calls
+    )
+    assert value(page, "proxy_queue_depth", model="test-double/tei", version="1") == 0
+    assert value(page, "proxy_upstream_in_flight", model="test-double/tei", version="1") == 0
 
 
 @pytest.mark.parametrize(

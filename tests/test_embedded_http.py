@@ -57,7 +57,8 @@ async def test_64_concurrent_requests_are_batched(embedded_proxy: Any) -> None:
     assert cosine(bodies[37][0], solo[0]) > 0.99999
     assert cosine(bodies[37][0], bodies[38][0]) < 0.999
     metrics = await (await client.get("/metrics")).text()
-    match = re.search(r'^proxy_batch_size_count\{model="default"\} (\S+)$', metrics, re.M)
+    labels = 'model="sentence-transformers/all-MiniLM-L6-v2",version="1"'
+    match = re.search(rf"^proxy_batch_size_count\{{{labels}\}} (\S+)$", metrics, re.M)
     assert match is not None
     assert float(match.group(1)) < 64  # fewer model calls than requests
 

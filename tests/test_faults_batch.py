@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.http.keys import SERVICE
+from proxy.http.keys import REGISTRY
 from tests.conftest import ProxyFactory
 from tests.tei_double import Fault, TeiDouble, TeiDoubleConfig, expected_vector
 
@@ -63,7 +63,7 @@ async def test_batch_fails_whole_when_the_upstream_is_unreachable(
     start_proxy: ProxyFactory,
 ) -> None:
     client = await start_proxy()
-    client.app[SERVICE].upstream._replicas[0].base_url = closed_port_url()  # type: ignore[attr-defined]
+    client.app[REGISTRY].service().upstream._replicas[0].base_url = closed_port_url()  # type: ignore[attr-defined]
     resp = await client.post("/batch", json=batch_body(3))
     assert resp.status == 503
     body = await resp.json()

@@ -60,7 +60,11 @@ async def test_hooks_run_in_order_and_before_hooks_change_what_is_embedded(
         pytest.approx(expected_vector("b:a:two"), rel=1e-6),
     ]
     assert seen["status"] == 200 and seen["latency_s"] > 0
-    assert (seen["request_id"], seen["route"], seen["model"]) == ("req-42", "/embed", "default")
+    assert (seen["request_id"], seen["route"], seen["model"]) == (
+        "req-42",
+        "/embed",
+        "test-double/tei",
+    )
 
 
 async def test_every_route_runs_the_hooks_with_its_own_context(

@@ -51,7 +51,7 @@ async def test_proxy_batches_for_infinity(start_proxy: ProxyFactory) -> None:
     metrics = await (await client.get("/metrics")).text()
     count_line = next(
         line for line in metrics.splitlines()
-        if line.startswith('proxy_batch_size_count{model="default"}')
+        if line.startswith(f'proxy_batch_size_count{{model="{INFINITY_MODEL}",version="1"}}')
     )  # fmt: skip
     batches = float(count_line.split()[-1])
     assert batches < 64, "64 concurrent requests must share upstream calls"

@@ -47,7 +47,9 @@ class FakeProcessor:
         self.most_running = 0
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, text: str, deadline: float | None = None) -> list[float]:
+    async def __call__(
+        self, text: str, deadline: float | None = None, model: str | None = None
+    ) -> list[float]:
         self.calls.append(text)
         self.running += 1
         self.most_running = max(self.most_running, self.running)

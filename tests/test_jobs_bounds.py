@@ -34,7 +34,7 @@ def options(**kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
-async def embed(text: str, deadline: float | None = None) -> list[float]:
+async def embed(text: str, deadline: float | None = None, model: str | None = None) -> list[float]:
     await asyncio.sleep(0)
     return fake_vector(text)
 
@@ -45,7 +45,9 @@ class Gate:
     def __init__(self) -> None:
         self.opened = asyncio.Event()
 
-    async def __call__(self, text: str, deadline: float | None = None) -> list[float]:
+    async def __call__(
+        self, text: str, deadline: float | None = None, model: str | None = None
+    ) -> list[float]:
         await self.opened.wait()
         return fake_vector(text)
 

@@ -53,7 +53,9 @@ class FlakyProcessor:
         self.deadlines: list[float | None] = []
         self.called = asyncio.Event()
 
-    async def __call__(self, text: str, deadline: float | None = None) -> list[float]:
+    async def __call__(
+        self, text: str, deadline: float | None = None, model: str | None = None
+    ) -> list[float]:
         self.calls.append(text)
         self.deadlines.append(deadline)
         self.called.set()
@@ -204,7 +206,9 @@ async def test_redis_retrying_job_is_not_reclaimed_by_another_replica(
     failing_until = time.monotonic() + 2.0  # four visibility timeouts
 
     class UntilThen(FlakyProcessor):
-        async def __call__(self, text: str, deadline: float | None = None) -> list[float]:
+        async def __call__(
+            self, text: str, deadline: float | None = None, model: str | None = None
+        ) -> list[float]:
             if time.monotonic() >= failing_until:
                 self.failures = 0
             return await super().__call__(text, deadline)

@@ -85,7 +85,7 @@ async def test_a_json_access_line_names_request_model_and_trace(
         lines = [json.loads(line) for line in log.lines if line.startswith("{")]
         assert len(lines) == len([x for x in log.lines if x.strip()])  # every line is JSON
         (access,) = [x for x in lines if x.get("request_id") == "json-log-1"]
-        assert access["logger"] == "proxy.access" and access["model"] == "default"
+        assert access["logger"] == "proxy.access" and access["model"] == "test-double/tei"
         assert access["trace_id"] == trace_id  # the caller's trace, continued
         assert access["status"] == 200 and access["path"] == "/embed"
         assert access["method"] == "POST" and access["duration_ms"] > 0

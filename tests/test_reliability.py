@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.http.keys import SERVICE
+from proxy.http.keys import REGISTRY
 from tests.conftest import ProxyFactory
 from tests.tei_double import Fault, TeiDouble, TeiDoubleConfig, expected_vector
 
@@ -83,7 +83,9 @@ async def test_disconnected_caller_is_dropped_before_dispatch(
     await asyncio.sleep(0.2)
     assert "caller who leaves" not in texts_sent(tei_double)
     metrics = await (await client.get("/metrics")).text()
-    assert 'proxy_dropped_items_total{model="default",reason="cancelled"} 1.0' in metrics
+    assert (
+        'proxy_dropped_items_total{model="test-double/tei",reason="cancelled",version="1"} 1.0'
+    ) in metrics
 
 
 async def test_full_queue_answers_429_at_once(
@@ -144,7 +146,7 @@ async def test_refused_connection_answers_503_fast_and_recovers(
     start_proxy: ProxyFactory, unused_tcp_port: int
 ) -> None:
     client = await start_proxy()
-    replica = client.app[SERVICE].upstream._replicas[0]  # type: ignore[attr-defined]
+    replica = client.app[REGISTRY].service().upstream._replicas[0]  # type: ignore[attr-defined]
     real_url = replica.base_url
     replica.base_url = f"http://127.0.0.1:{unused_tcp_port}"
     status, body, elapsed = await post_embed(client, "x")
@@ -276,7 +278,7 @@ async def test_one_poisoned_request_among_63_good_ones_fails_alone(
             assert body == [pytest.approx(expected_vector(text), rel=1e-6)]
     metrics = await (await client.get("/metrics")).text()
     # The sample exists from start-up at 0: only its value says a split happened.
-    prefix = 'proxy_batch_splits_total{model="default"} '
+    prefix = 'proxy_batch_splits_total{model="test-double/tei",version="1"} '
     samples = [
         float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
     ]

@@ -14,7 +14,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from proxy.http.keys import SERVICE
+from proxy.http.keys import REGISTRY
 from proxy.http.status import STATUS_ASSETS, quantile
 from tests.conftest import ProxyFactory
 from tests.test_docs_ui import References, directives
@@ -47,9 +47,10 @@ async def test_status_json_counts_requests_per_model_in_a_window(
     client = await start_proxy()
     first = await (await client.get("/status.json")).json()
     (model,) = first["models"]
-    assert model["model"] == "default" and model["version"] is None
+    assert model["model"] == "test-double/tei" and model["version"] == "1"
     assert model["requests_per_s"] is None  # one snapshot: no rate yet
-    assert model["cache_hit_ratio"] is None and model["ab_split"] is None  # not built yet
+    assert model["cache_hit_ratio"] is None  # not built yet
+    assert model["ab_split"] == {"1": 1.0}  # the one version has all the traffic
     for i in range(5):
         assert (await client.post("/embed", json={"inputs": [f"a{i}", f"b{i}"]})).status == 200
     await asyncio.sleep(0.05)
@@ -183,11 +184,11 @@ async def test_status_page_in_headless_chromium_shows_live_throughput(
                 await page.fill("#key", KEY)
                 await page.click("#key-form button")
                 await page.wait_for_selector("#key-form", state="hidden", timeout=5_000)
-                rate = page.locator('[data-model="default"] [data-field="requests_per_s"]')
+                rate = page.locator('[data-model="test-double/tei"] [data-field="requests_per_s"]')
                 await page.wait_for_function(
                     """() => {
                         const cell = document.querySelector(
-                            '[data-model="default"] [data-field="requests_per_s"]');
+                            '[data-model="test-double/tei"] [data-field="requests_per_s"]');
                         return cell !== null && parseFloat(cell.textContent) > 0;
                     }""",
                     timeout=15_000,
@@ -204,7 +205,7 @@ async def test_status_page_in_headless_chromium_shows_live_throughput(
                 )
                 p50 = await page.locator('[data-field="latency_p50_ms"]').text_content()
                 assert p50 is not None and p50.endswith(" ms")
-                bars = await page.locator('[data-model="default"] svg rect.bar').count()
+                bars = await page.locator('[data-model="test-double/tei"] svg rect.bar').count()
                 assert bars >= 1  # the batch-size distribution is drawn
                 assert await page.locator("#state").text_content() == "live"
                 shot = tmp_path / "status.png"
@@ -228,7 +229,7 @@ async def test_an_adaptive_limiter_shows_its_state_once_wired(start_proxy: Proxy
     service has one, the page shows its live limit and state instead of the fixed bound."""
     concurrency = pytest.importorskip("proxy.concurrency")
     client = await start_proxy()
-    service = client.app[SERVICE]
+    service = client.app[REGISTRY].service()
     limiter = concurrency.GradientLimiter(concurrency.GradientConfig())
     service.limiter = limiter  # type: ignore[attr-defined]
     (model,) = (await (await client.get("/status.json")).json())["models"]

@@ -203,10 +203,14 @@ async def test_one_scrape_counts_every_worker(aiohttp_server: Any, unused_tcp_po
                 scrapes += 1
                 embeds = scraped(text, "proxy_requests_total", route="/embed", status="200")
                 assert embeds == len(texts)
-                items = scraped(text, "proxy_request_items_total", model="default")
+                items = scraped(text, "proxy_request_items_total", model="test-double/tei")
                 assert items == len(texts)
-                assert scraped(text, "proxy_model_requests_total", model="default") == len(texts)
-                assert scraped(text, "proxy_concurrency_limit", model="default") == 4  # 2 + 2
+                assert scraped(text, "proxy_model_requests_total", model="test-double/tei") == len(
+                    texts
+                )
+                assert (
+                    scraped(text, "proxy_concurrency_limit", model="test-double/tei") == 4
+                )  # 2 + 2
                 await log.count('"GET /metrics"', scrapes)
                 scrapers = {
                     index

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.http.admin import add_admin_routes
 from proxy.http.batch import add_batch_routes
+from proxy.http.keys import SETTINGS
 from proxy.http.openai import add_openai_routes
 from proxy.http.predict import add_predict_routes
 from proxy.http.status import add_status_routes
@@ -17,3 +19,5 @@ def add_routes(app: web.Application) -> None:
     add_predict_routes(app)
     add_batch_routes(app)
     add_status_routes(app)
+    if app[SETTINGS].admin_token is not None:
+        add_admin_routes(app)

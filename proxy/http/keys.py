@@ -9,12 +9,12 @@ from aiohttp import web
 from proxy.jobs.base import JobStore
 from proxy.metrics import Metrics
 from proxy.observe import Observer
-from proxy.service import EmbeddingService
+from proxy.registry import Registry
 from proxy.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-SERVICE = web.AppKey("service", EmbeddingService)
+REGISTRY = web.AppKey("registry", Registry)
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)  # set to ask the server to stop
 DRAINING = web.AppKey("draining", asyncio.Event)  # set once stopping: refuse new work
 JOBS: web.AppKey[JobStore] = web.AppKey("jobs")

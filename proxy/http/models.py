@@ -11,7 +11,7 @@ optional field (meaning "the default") stays accepted and documented.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
@@ -64,6 +64,10 @@ Input = Annotated[
 ]
 
 _REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore")
+_MODEL_DESCRIPTION = (
+    "`name` or `name@version` of a model the proxy routes to; null or absent: the X-Model "
+    "header's, else the default model."
+)
 _DIMENSIONS_DESCRIPTION = "Matryoshka cut: keep the first N values (then normalise)."
 
 
@@ -98,13 +102,20 @@ class EmbeddingRequest(BaseModel):
         description="A text, one list of token ids, or a list of texts and id lists. At most "
         "MAX_CLIENT_BATCH_SIZE inputs."
     )
-    model: str | None = Field(None, description="Ignored, as TEI does.")
+    model: str | None = Field(
+        None,
+        description="`name` or `name@version` of a model the proxy routes to (404 "
+        "`model_not_found` for an unknown one with MODELS_CONFIG; without it, any name means "
+        "the one model, as TEI ignores it). null: the default model.",
+    )
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="base64: little-endian float32; null means float."
     )
     dimensions: int | None = Field(None, ge=1, description=_DIMENSIONS_DESCRIPTION)
     user: str | None = Field(
-        None, description="Handed to request hooks as `ctx.user`; otherwise ignored."
+        None,
+        description="Keeps this caller on one version of an A/B split (sticky); handed to "
+        "request hooks as `ctx.user`.",
     )
 
 
@@ -115,6 +126,7 @@ class PredictRequest(BaseModel):
 
     # An empty text is refused as TEI's `Empty` (400), not as a shape error.
     input: str = Field(min_length=1, description="The text to embed.")
+    model: str | None = Field(None, description=_MODEL_DESCRIPTION)
 
 
 class BatchItem(TypedDict):
@@ -123,6 +135,15 @@ class BatchItem(TypedDict):
 
     id: Annotated[str, Field(description="Unique within the request; the result carries it back.")]
     data: Annotated[str, Field(description="The text to embed.")]
+    model: NotRequired[
+        Annotated[
+            str | None,
+            Field(
+                description=_MODEL_DESCRIPTION + " Items naming the same model go to one "
+                "version together."
+            ),
+        ]
+    ]
 
 
 class BatchRequest(RootModel[list[BatchItem]]):

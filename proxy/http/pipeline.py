@@ -1,6 +1,7 @@
 """The one path every synchronous embedding request takes between its parser and its
-renderer: ``before`` hooks, the service, ``after`` hooks (the sampler among them), and what
-tracing and the logs learn on the way. Handlers parse and render; this runs the request."""
+renderer: the registry picks the model's version, then ``before`` hooks, that version's
+service, ``after`` hooks (the sampler among them), and what tracing and the logs learn on the
+way. Handlers parse and render; this runs the request."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from proxy.context import RequestContext, context_of
 from proxy.errors import ApiError
 from proxy.hooks import HookContext
-from proxy.http.common import deadline_for
-from proxy.http.keys import OBSERVER
+from proxy.http.keys import OBSERVER, REGISTRY
 from proxy.observe import OBSERVATION, Observation
+from proxy.registry import ModelVersion
 from proxy.service import EmbeddingService
 from proxy.token_ids import estimate_tokens
 from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
@@ -32,14 +34,16 @@ def _context(obs: Observation, inputs: list[EmbedInput], user: str | None) -> Ho
 
 def _start(
     request: web.Request,
+    ctx: RequestContext,
     service: EmbeddingService,
     inputs: Sequence[EmbedInput],
     *,
-    requested_model: str | None,
     encoding: str | None,
 ) -> Observation:
+    """What the request's observation learns once the registry routed it."""
     obs = request[OBSERVATION]
-    obs.model = service.name
+    obs.model, obs.version = ctx.model, ctx.version
+    requested_model = ctx.requested_model
     if obs.span is not None:
         obs.span.name_embeddings(requested_model or service.served_model_name)
         obs.attributes.update({
@@ -49,7 +53,8 @@ def _start(
             "gen_ai.response.model": service.served_model_name,
             "gen_ai.request.encoding_formats": [encoding or "float"],
             "gen_ai.usage.input_tokens": sum(estimate_tokens(i) for i in inputs),
-            "proxy.model": service.name,
+            "proxy.model": ctx.model,
+            "proxy.model_version": ctx.version,
             "proxy.input_count": len(inputs),
         })  # fmt: skip
     return obs
@@ -91,38 +96,48 @@ def _dimensions(obs: Observation, vectors: Sequence[Vector | None]) -> None:
 
 async def embed_request(
     request: web.Request,
-    service: EmbeddingService,
     inputs: Sequence[EmbedInput],
     options: EmbedOptions,
     *,
-    user: str | None = None,
-    requested_model: str | None = None,
     encoding: str | None = None,
-) -> tuple[list[EmbedInput], list[Vector]]:
-    """Embed one request's inputs; returns the inputs as embedded (after ``before`` hooks)
-    and their vectors."""
-    obs = _start(request, service, inputs, requested_model=requested_model, encoding=encoding)
-    embedded, ctx = await before_hooks(request, obs, inputs, user)
-    vectors = await service.embed(embedded, options, deadline=deadline_for(request), trace=obs.span)
+) -> tuple[ModelVersion, list[EmbedInput], list[Vector]]:
+    """Embed one request's inputs on the version the registry picks (from the request's
+    context: its model, its user); returns that version, the inputs as embedded (after
+    ``before`` hooks) and their vectors."""
+    ctx = context_of(request)
+    registry = request.app[REGISTRY]
+    # Routed on the caller's own inputs (the A/B split hashes them when there is no user).
+    entry, version = registry.resolve(ctx, inputs)
+    obs = _start(request, ctx, version.service, inputs, encoding=encoding)
+    embedded, hook_ctx = await before_hooks(request, obs, inputs, ctx.user)
+    version, vectors = await registry.embed_routed(
+        entry, version, embedded, options, ctx, trace=obs.span
+    )
+    obs.model, obs.version = ctx.model, ctx.version
     _dimensions(obs, vectors)
-    await after_hooks(request, obs, ctx, vectors)
-    return embedded, vectors
+    await after_hooks(request, obs, hook_ctx, vectors)
+    return version, embedded, vectors
 
 
 async def embed_each_request(
     request: web.Request,
-    service: EmbeddingService,
     inputs: Sequence[EmbedInput],
     options: EmbedOptions,
+    ctx: RequestContext | None = None,
 ) -> list[Vector | ApiError]:
     """Like :func:`embed_request` for ``/batch``: an item's own fault stays in its slot;
-    ``after`` hooks see ``None`` in those slots."""
-    obs = _start(request, service, inputs, requested_model=None, encoding=None)
-    embedded, ctx = await before_hooks(request, obs, inputs, None)
-    results = await service.embed_each(
-        embedded, options, deadline=deadline_for(request), trace=obs.span
+    ``after`` hooks see ``None`` in those slots. ``ctx``: one model's part of a request
+    (its own context); by default the request's."""
+    ctx = ctx if ctx is not None else context_of(request)
+    registry = request.app[REGISTRY]
+    entry, version = registry.resolve(ctx, inputs)
+    obs = _start(request, ctx, version.service, inputs, encoding=None)
+    embedded, hook_ctx = await before_hooks(request, obs, inputs, ctx.user)
+    _, results = await registry.embed_each_routed(
+        entry, version, embedded, options, ctx, trace=obs.span
     )
+    obs.model, obs.version = ctx.model, ctx.version
     vectors = [None if isinstance(r, ApiError) else r for r in results]
     _dimensions(obs, vectors)
-    await after_hooks(request, obs, ctx, vectors)
+    await after_hooks(request, obs, hook_ctx, vectors)
     return results

@@ -13,9 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy import errors
+from proxy.context import context_of
 from proxy.errors import ErrorType
 from proxy.http.common import json_response
-from proxy.http.keys import JOBS, SERVICE, SETTINGS
+from proxy.http.keys import JOBS, REGISTRY, SETTINGS
 from proxy.http.models import PredictRequest
 from proxy.http.parsing import read_json, require_object, validate
 from proxy.http.pipeline import before_hooks, embed_request
@@ -33,11 +34,13 @@ def as_floats(vec: Vector) -> list[float]:
     return tolist() if callable(tolist) else list(vec)
 
 
-def _parse(body: Any) -> str:
+def _parse(body: Any) -> tuple[str, str | None]:
+    """The text and the model it names (None: the X-Model header's, else the default)."""
     if type(body) is dict and len(body) == 1 and type(body.get("input")) is str and body["input"]:
-        return str(body["input"])  # the common body: nothing else to validate
+        return str(body["input"]), None  # the common body: nothing else to validate
     require_object(body, "input")
-    return validate(PredictRequest, body).input
+    request = validate(PredictRequest, body)
+    return request.input, request.model
 
 
 def _is_async(request: web.Request) -> bool:
@@ -46,17 +49,21 @@ def _is_async(request: web.Request) -> bool:
 
 async def predict(request: web.Request) -> web.Response:
     body = await read_json(request)
-    text = _parse(body)
-    service = request.app[SERVICE]
+    text, model = _parse(body)
+    ctx = context_of(request)
+    if model:
+        ctx.requested_model = model
     if _is_async(request):
-        # Jobs run later, with no request to answer: `before` hooks run now, on what is
-        # queued; `after` hooks and capture are for synchronous answers only.
+        # The job remembers the version picked now. Jobs run later, with no request to
+        # answer: `before` hooks run now, on what is queued; `after` hooks and capture are
+        # for synchronous answers only.
+        _, version = request.app[REGISTRY].resolve(ctx, [text])
         obs = request[OBSERVATION]
-        obs.model = service.name
-        (job_text,), _ = await before_hooks(request, obs, [text], None)
+        obs.model, obs.version = ctx.model, ctx.version
+        (job_text,), _ = await before_hooks(request, obs, [text], ctx.user)
         assert isinstance(job_text, str)  # hooks keep each input's kind of item
         # The same checks as the synchronous path, so a job never fails for its input later.
-        service.validate([job_text], EmbedOptions())
+        version.service.validate([job_text], EmbedOptions())
         jobs = request.app[JOBS]
         if jobs.kind == "memory" and request.app[SETTINGS].workers > 1:
             # Each worker has its own memory store: a poll reaching another worker would
@@ -66,7 +73,7 @@ async def predict(request: web.Request) -> web.Response:
                 "is per worker process"
             )
         try:
-            prediction_id = await jobs.submit(job_text)
+            prediction_id = await jobs.submit(job_text, model=ctx.served_as)
         except JobQueueFullError as exc:
             raise errors.overloaded() from exc
         except JobStoreUnavailableError as exc:
@@ -74,7 +81,7 @@ async def predict(request: web.Request) -> web.Response:
         return json_response(
             {"message": ACCEPTED_MESSAGE, "prediction_id": prediction_id}, status=202
         )
-    _, vectors = await embed_request(request, service, [text], EmbedOptions())
+    _, _, vectors = await embed_request(request, [text], EmbedOptions())
     return json_response({"input": text, "result": vectors[0]})
 
 
@@ -86,8 +93,10 @@ async def prediction(request: web.Request) -> web.Response:
         raise errors.unavailable(f"job store unavailable: {exc}") from exc
     if record is None:
         return json_response({"error": NOT_FOUND_MESSAGE}, status=404)
+    # The version the job was accepted for, as every embedding answer says it.
+    headers = {"X-Model": record.model} if record.model else None
     if record.status == "pending":
-        return json_response({"error": PENDING_MESSAGE}, status=400)
+        return json_response({"error": PENDING_MESSAGE}, status=400, headers=headers)
     if record.status == "failed":
         cause = record.error or {}
         return json_response(
@@ -98,10 +107,10 @@ async def prediction(request: web.Request) -> web.Response:
                 "status": "failed",
             },
             status=424,
+            headers=headers,
         )
-    return json_response(
-        {"prediction_id": prediction_id, "output": {"input": record.input, "result": record.result}}
-    )
+    output = {"input": record.input, "result": record.result}
+    return json_response({"prediction_id": prediction_id, "output": output}, headers=headers)
 
 
 def add_predict_routes(app: web.Application) -> None:

@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 
 from proxy.http.common import json_response
 from proxy.http.docs import SECURITY_HEADERS, STATIC_DIR
-from proxy.http.keys import METRICS, SERVICE, SETTINGS
+from proxy.http.keys import METRICS, REGISTRY, SETTINGS
 from proxy.metrics import Metrics
 from proxy.service import EmbeddingService
 
@@ -96,9 +96,10 @@ class _Snapshot:
     requests: dict[tuple[str, str], float] = field(default_factory=dict)
     errors: dict[tuple[str, str], float] = field(default_factory=dict)
     latency: dict[tuple[str, str], Buckets] = field(default_factory=dict)
-    batches: dict[str, Buckets] = field(default_factory=dict)
-    batch_items: dict[str, float] = field(default_factory=dict)  # items over all batches
-    gauges: dict[tuple[str, str], float] = field(default_factory=dict)  # (series, model)
+    # Keyed by (model, version); gauges by (series, model, version).
+    batches: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+    batch_items: dict[tuple[str, str], float] = field(default_factory=dict)  # over all batches
+    gauges: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
 
 def _bucket(store: dict[Any, dict[float, float]], key: Any, le: str, value: float) -> None:
@@ -108,7 +109,7 @@ def _bucket(store: dict[Any, dict[float, float]], key: Any, le: str, value: floa
 def snapshot(families: Iterable[Metric], at: float) -> _Snapshot:
     snap = _Snapshot(at)
     latency: dict[tuple[str, str], dict[float, float]] = {}
-    batches: dict[str, dict[float, float]] = {}
+    batches: dict[tuple[str, str], dict[float, float]] = {}
     for family in families:
         for sample in family.samples:
             labels = sample.labels
@@ -120,11 +121,13 @@ def snapshot(families: Iterable[Metric], at: float) -> _Snapshot:
             elif sample.name == _LATENCY + "_bucket":
                 _bucket(latency, (labels["model"], labels["version"]), labels["le"], sample.value)
             elif sample.name == _BATCH + "_bucket":
-                _bucket(batches, labels["model"], labels["le"], sample.value)
+                key = (labels["model"], labels["version"])
+                _bucket(batches, key, labels["le"], sample.value)
             elif sample.name == _BATCH + "_sum":
-                snap.batch_items[labels["model"]] = sample.value
+                snap.batch_items[(labels["model"], labels["version"])] = sample.value
             elif sample.name in (_QUEUE, _IN_FLIGHT, _LIMIT):
-                snap.gauges[(sample.name, labels["model"])] = sample.value
+                key3 = (sample.name, labels["model"], labels["version"])
+                snap.gauges[key3] = sample.value
     snap.latency = {k: sorted(v.items()) for k, v in latency.items()}
     snap.batches = {k: sorted(v.items()) for k, v in batches.items()}
     return snap
@@ -224,15 +227,15 @@ class StatusBoard:
         span: float | None,
     ) -> dict[str, Any]:
         rate = errors = p50 = p99 = None
-        batches: Buckets = now.batches.get(state.model, [])
-        items = now.batch_items.get(state.model, 0.0)
+        batches: Buckets = now.batches.get(key, [])
+        items = now.batch_items.get(key, 0.0)
         if base is not None and span:
             rate = (now.requests.get(key, 0.0) - base.requests.get(key, 0.0)) / span
             errors = (now.errors.get(key, 0.0) - base.errors.get(key, 0.0)) / span
             latency = _delta(now.latency.get(key, []), base.latency.get(key))
             p50, p99 = quantile(0.5, latency), quantile(0.99, latency)
-            batches = _delta(batches, base.batches.get(state.model))
-            items -= base.batch_items.get(state.model, 0.0)
+            batches = _delta(batches, base.batches.get(key))
+            items -= base.batch_items.get(key, 0.0)
         gauges = now.gauges
         total_batches = batches[-1][1] if batches else 0.0
         return {
@@ -243,8 +246,8 @@ class StatusBoard:
             "errors_per_s": None if errors is None else round(errors, 3),
             "latency_p50_ms": _ms(p50),
             "latency_p99_ms": _ms(p99),
-            "queue_depth": gauges.get((_QUEUE, state.model)),
-            "in_flight": gauges.get((_IN_FLIGHT, state.model)),
+            "queue_depth": gauges.get((_QUEUE, *key)),
+            "in_flight": gauges.get((_IN_FLIGHT, *key)),
             "batch_size": {
                 "batches": total_batches,
                 "mean": round(items / total_batches, 3) if total_batches else None,
@@ -252,7 +255,7 @@ class StatusBoard:
             },
             "concurrency": {
                 "limit": state.concurrency_limit,
-                "limit_all_workers": gauges.get((_LIMIT, state.model)),
+                "limit_all_workers": gauges.get((_LIMIT, *key)),
                 "max_concurrent_batches": state.max_concurrent_batches,
                 "adaptive": state.adaptive_limit,
             },
@@ -277,21 +280,23 @@ def _adaptive_state(service: EmbeddingService) -> dict[str, Any] | None:
     return dict(as_dict()) if callable(as_dict) else None
 
 
-def model_state(service: EmbeddingService) -> ModelState:
-    """The answering worker's view of one model's service."""
+def model_state(service: EmbeddingService, ab_split: dict[str, float] | None = None) -> ModelState:
+    """The answering worker's view of one model version's service; ``ab_split``: the
+    model's traffic shares per version."""
     started = service.started
     adaptive = _adaptive_state(service)
     limit = service.batcher.config.max_concurrent_batches if started else None
     if adaptive is not None and isinstance(adaptive.get("limit"), int):
         limit = adaptive["limit"]
     return ModelState(
-        model=service.name,
-        version=None,  # one unversioned model until the registry of models lands
+        model=service.model or "",
+        version=service.version,
         model_id=service.served_model_name,
         concurrency_limit=limit,
-        max_concurrent_batches=service.settings.max_concurrent_batches,
+        max_concurrent_batches=service.config.max_concurrent_batches,
         adaptive_limit=adaptive,
         breaker="open" if service.breaker.is_open else "closed",
+        ab_split=ab_split,
     )
 
 
@@ -300,7 +305,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def status_json(request: web.Request) -> web.Response:
-    models = [model_state(request.app[SERVICE])]
+    models = [
+        model_state(version.service, shares)
+        for shares, version in request.app[REGISTRY].routed_versions()
+    ]
     document = request.app[STATUS_BOARD].document(models, request.app[SETTINGS].workers)
     return json_response(document, headers={"Cache-Control": "no-store"})
 

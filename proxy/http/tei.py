@@ -1,6 +1,10 @@
 """TEI's own routes: /embed (and POST /, /invocations), /health, /info, /metrics, plus the
-proxy's /openapi.json, /docs and /shutdown. Handlers parse, call the service and render;
-they know nothing of batching."""
+proxy's /openapi.json, /docs and /shutdown. Handlers parse, call the registry and render;
+they know nothing of batching.
+
+A model is chosen by the X-Model header, or by serving the same routes under
+``/models/{name}/`` (and ``/models/{name}`` itself), so a client that only takes a base URL,
+such as huggingface_hub's ``InferenceClient(model=URL)``, can pick one."""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import time
 
 from aiohttp import web
 
+from proxy.context import context_of
 from proxy.errors import ApiError, ErrorType
 from proxy.http.common import bearer_matches, error_response, json_response
 from proxy.http.docs import add_docs_routes
-from proxy.http.keys import DRAINING, METRICS, SERVICE, SETTINGS, SHUTDOWN
+from proxy.http.keys import DRAINING, METRICS, REGISTRY, SETTINGS, SHUTDOWN
 from proxy.http.parsing import parse_embed_request, read_json
 from proxy.http.pipeline import embed_request
 from proxy.openapi import build_openapi
@@ -21,8 +26,7 @@ async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await read_json(request)
     inputs, options = parse_embed_request(body, request.app[SETTINGS].max_client_batch_size)
-    service = request.app[SERVICE]
-    inputs, vectors = await embed_request(request, service, inputs, options)
+    version, inputs, vectors = await embed_request(request, inputs, options)
     elapsed_ms = str(int((time.perf_counter() - started) * 1000))
     # TEI's response metadata headers (router/src/lib.rs), so clients that read them still can.
     headers = {
@@ -31,7 +35,7 @@ async def embed(request: web.Request) -> web.Response:
         "x-compute-characters": str(sum(len(i) for i in inputs)),
     }
     # The upstream's own word (TEI's header, or `cpu` for the embedded model), never a claim.
-    compute_type = service.upstream.compute_type
+    compute_type = version.service.upstream.compute_type
     if compute_type is not None:
         headers["x-compute-type"] = compute_type
     return json_response(vectors, headers=headers)
@@ -40,7 +44,7 @@ async def embed(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
         return error_response(ApiError(503, "draining", ErrorType.UNHEALTHY))
-    reason = await request.app[SERVICE].unhealthy_reason()
+    reason = await request.app[REGISTRY].unhealthy_reason(context_of(request))
     if reason is None:
         return web.Response(status=200)
     # "unhealthy" gives TEI's exact body; other reasons say why (breaker, starting).
@@ -48,7 +52,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVICE].describe())
+    return json_response(request.app[REGISTRY].info(context_of(request)))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -71,15 +75,24 @@ async def openapi_spec(request: web.Request) -> web.Response:
     return json_response(build_openapi(request.app[SETTINGS]))
 
 
+# `{name}` in a path: a model name (one `/` allowed, as in org/model), maybe `@version`.
+MODEL_PREFIX = r"/models/{name:[^/@]+(?:/[^/@]+)?(?:@[^/@]+)?}"
+
+
 def add_tei_routes(app: web.Application) -> None:
-    app.router.add_post("/embed", embed)
-    # TEI routes POST / and /invocations (SageMaker) to /embed for an embedding model.
-    app.router.add_post("/", embed)
-    app.router.add_post("/invocations", embed)
-    app.router.add_get("/health", health)
-    app.router.add_get("/", health)
-    app.router.add_get("/ping", health)
-    app.router.add_get("/info", info)
+    # Under the prefix first: the bare `/models/{name}` must not swallow `.../embed`.
+    for prefix in ("", MODEL_PREFIX):
+        app.router.add_post(prefix + "/embed", embed)
+        # TEI routes POST / and /invocations (SageMaker) to /embed for an embedding model.
+        app.router.add_post(prefix + "/", embed)
+        app.router.add_post(prefix + "/invocations", embed)
+        app.router.add_get(prefix + "/health", health)
+        app.router.add_get(prefix + "/", health)
+        app.router.add_get(prefix + "/ping", health)
+        app.router.add_get(prefix + "/info", info)
+    # huggingface_hub's InferenceClient(model=URL) posts to the URL itself.
+    app.router.add_post(MODEL_PREFIX, embed)
+    app.router.add_get(MODEL_PREFIX, health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_spec)
     add_docs_routes(app)  # /docs and its static files (proxy/http/docs.py)

@@ -9,10 +9,11 @@ from typing import Any, Literal, Protocol
 
 JobStatus = Literal["pending", "done", "failed"]
 
-# Embeds one text by a deadline (on time.monotonic(): the end of the job's lifetime);
-# raises proxy.errors.ApiError on failure. Stores retry the temporary ones
-# (proxy.jobs.retry). Results are plain float lists (stores serialise them).
-Processor = Callable[[str, float], Awaitable[Sequence[float]]]
+# Embeds one text by a deadline (on time.monotonic(): the end of the job's lifetime) with
+# the model it was accepted for (`name@version`, or None for the default); raises
+# proxy.errors.ApiError on failure. Stores retry the temporary ones (proxy.jobs.retry).
+# Results are plain float lists (stores serialise them).
+Processor = Callable[[str, float, str | None], Awaitable[Sequence[float]]]
 
 
 class JobQueueFullError(Exception):
@@ -32,6 +33,8 @@ class JobRecord:
     result: list[float] | None = None
     # For failed jobs: {"error": message, "error_type": TEI error type, "status": HTTP status}
     error: dict[str, Any] | None = None
+    # The model and version it was accepted for (`name@version`); None: the default.
+    model: str | None = None
 
 
 class JobStore(Protocol):
@@ -41,9 +44,10 @@ class JobStore(Protocol):
         """Connect, and start the workers that take jobs and run them through ``processor``."""
         ...
 
-    async def submit(self, text: str) -> str:
-        """Accept a job; return its unguessable prediction id. Raises JobQueueFullError
-        (and may evict the oldest finished records to make room)."""
+    async def submit(self, text: str, model: str | None = None) -> str:
+        """Accept a job for ``model`` (``name@version``); return its unguessable prediction
+        id. Raises JobQueueFullError (and may evict the oldest finished records to make
+        room)."""
         ...
 
     async def get(self, prediction_id: str) -> JobRecord | None:

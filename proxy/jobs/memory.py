@@ -40,6 +40,7 @@ class _Job:
     input: str
     deadline: float  # time.monotonic() by which the job ends, done or failed
     input_bytes: int
+    model: str | None = None
     status: JobStatus = "pending"
     # 8 bytes a float; a list of floats would take 32.
     result: array[float] | None = None
@@ -48,7 +49,7 @@ class _Job:
 
     def record(self, prediction_id: str) -> JobRecord:
         result = self.result.tolist() if self.result is not None else None
-        return JobRecord(prediction_id, self.status, self.input, result, self.error)
+        return JobRecord(prediction_id, self.status, self.input, result, self.error, self.model)
 
 
 class MemoryJobStore:
@@ -125,7 +126,7 @@ class MemoryJobStore:
             for i in range(self._workers)
         ]
 
-    async def submit(self, text: str) -> str:
+    async def submit(self, text: str, model: str | None = None) -> str:
         if self._stopping.is_set():
             # An accepted job would die with the process.
             raise JobStoreUnavailableError("job store is shutting down")
@@ -141,7 +142,7 @@ class MemoryJobStore:
                     f"unfinished jobs would hold {held} bytes (max_bytes {self._max_bytes})"
                 )
         prediction_id = new_prediction_id()
-        self._records[prediction_id] = _Job(text, now + self._job_timeout_s, size)
+        self._records[prediction_id] = _Job(text, now + self._job_timeout_s, size, model)
         self._unfinished += 1
         self._pending_bytes += size
         # Fits once finished records give way: unfinished ones alone fit, checked above.
@@ -221,6 +222,7 @@ class MemoryJobStore:
             self._processor,
             prediction_id,
             job.input,
+            model=job.model,
             deadline=job.deadline,
             job_timeout_s=self._job_timeout_s,
             stopping=self._stopping,

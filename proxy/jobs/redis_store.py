@@ -236,21 +236,29 @@ def _ms(seconds: float) -> int:
 
 def _encode(record: JobRecord) -> bytes:
     # The status first: the finish script reads it from the record's first bytes.
-    return orjson.dumps(
-        {
-            "status": record.status,
-            "id": record.prediction_id,
-            "input": record.input,
-            "result": record.result,
-            "error": record.error,
-        }
-    )
+    data: dict[str, Any] = {
+        "status": record.status,
+        "id": record.prediction_id,
+        "input": record.input,
+        "result": record.result,
+        "error": record.error,
+    }
+    if record.model is not None:
+        data["model"] = record.model
+    return orjson.dumps(data)
 
 
 def _decode(raw: str | bytes) -> JobRecord:
     data = orjson.loads(raw)
     status: JobStatus = data["status"]
-    return JobRecord(data["id"], status, data["input"], data.get("result"), data.get("error"))
+    return JobRecord(
+        data["id"],
+        status,
+        data["input"],
+        data.get("result"),
+        data.get("error"),
+        data.get("model"),
+    )
 
 
 def _deadline_ms(entry_id: str, field: str | None, job_timeout_s: float) -> int:
@@ -375,10 +383,10 @@ class RedisJobStore:
         self._reader = asyncio.create_task(self._consume(), name="redis-job-reader")
         self._keeper = asyncio.create_task(self._keep_ownership(), name="redis-job-keeper")
 
-    async def submit(self, text: str) -> str:
+    async def submit(self, text: str, model: str | None = None) -> str:
         """Queue a job for any replica. Raises JobQueueFullError, JobStoreUnavailableError."""
         prediction_id = new_prediction_id()
-        pending = _encode(JobRecord(prediction_id, "pending", text))
+        pending = _encode(JobRecord(prediction_id, "pending", text, model=model))
         deadline_ms = round((time.time() + self._job_timeout_s) * 1000)
         args: list[int | bytes | str] = [
             self._max_jobs,
@@ -578,12 +586,14 @@ class RedisJobStore:
             log.error("dropping malformed job entry %s: %r", entry_id, fields)
             await self._retrying(f"drop job entry {entry_id}", lambda: self._drop(entry_id))
             return
-        # Entries queued by earlier versions carried the input themselves.
+        # Entries queued by earlier versions carried the input themselves (and no model).
         text = fields.get("input")
+        model: str | None = None
         if text is None:
-            text = await self._load_input(entry_id, prediction_id)
-            if text is None:
+            loaded = await self._load_input(entry_id, prediction_id)
+            if loaded is None:
                 return
+            text, model = loaded
         deadline_ms = _deadline_ms(entry_id, fields.get("deadline"), self._job_timeout_s)
         assert self._processor is not None
         if deliveries > self._max_deliveries:
@@ -594,13 +604,14 @@ class RedisJobStore:
                 "error_type": str(ErrorType.BACKEND),
                 "status": 500,
             }
-            record = JobRecord(prediction_id, "failed", text, error=error)
+            record = JobRecord(prediction_id, "failed", text, error=error, model=model)
         else:
             first_s, cap_s = self._retry
             outcome = await attempt_job(
                 self._processor,
                 prediction_id,
                 text,
+                model=model,
                 # The lifetime is wall-clock time (shared by replicas); attempts count on
                 # this process's monotonic clock.
                 deadline=time.monotonic() + (deadline_ms / 1000 - time.time()),
@@ -618,13 +629,13 @@ class RedisJobStore:
                     )
                 return
             if outcome.result is not None:
-                record = JobRecord(prediction_id, "done", text, result=outcome.result)
+                record = JobRecord(prediction_id, "done", text, result=outcome.result, model=model)
             else:
-                record = JobRecord(prediction_id, "failed", text, error=outcome.error)
+                record = JobRecord(prediction_id, "failed", text, error=outcome.error, model=model)
         await self._store(entry_id, prediction_id, record)
 
-    async def _load_input(self, entry_id: str, prediction_id: str) -> str | None:
-        """The job's input, read from its record; None (the entry acknowledged) if the
+    async def _load_input(self, entry_id: str, prediction_id: str) -> tuple[str, str | None] | None:
+        """The job's input and model, read from its record; None (the entry acknowledged) if the
         record is gone or already final (a job that ran twice), or if Redis stays out of
         reach (the entry is left for a re-claim)."""
         job_key = self._job_key(prediction_id)
@@ -639,7 +650,7 @@ class RedisJobStore:
                 log.error("unreadable job record %s", prediction_id)
             else:
                 if record.status == "pending":
-                    return record.input
+                    return record.input, record.model
         # Nothing to run: only acknowledge (and forget its bytes if the record expired).
         await self._store(entry_id, prediction_id, None)
         return None

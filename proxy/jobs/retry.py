@@ -84,6 +84,7 @@ async def attempt_job(
     prediction_id: str,
     text: str,
     *,
+    model: str | None = None,
     deadline: float,
     job_timeout_s: float,
     stopping: asyncio.Event,
@@ -99,7 +100,7 @@ async def attempt_job(
     while True:
         attempts += 1
         try:
-            vector = await processor(text, deadline)
+            vector = await processor(text, deadline, model)
             return Outcome(result=[float(x) for x in vector])
         except Exception as exc:
             error = error_for(exc)

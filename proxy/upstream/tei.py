@@ -89,6 +89,8 @@ class HttpUpstreamBase:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._compute_type: str | None = None
+        # Why the last start-up attempt found it not ready (for a refused registration).
+        self.last_not_ready: str | None = None
 
     @property
     def replicas(self) -> Sequence[HttpReplica]:
@@ -163,6 +165,7 @@ class HttpUpstreamBase:
             try:
                 return await probe()
             except NotReadyError as exc:
+                self.last_not_ready = str(exc)
                 log.warning(
                     "waiting for %s (attempt %d: %s); retrying in %.1fs", what, attempt, exc, delay
                 )
