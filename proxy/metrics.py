@@ -48,8 +48,9 @@ LATENCY_BUCKETS = (
 MV = ["model", "version"]
 SHADOW = ["model", "version", "shadow_version"]
 # Cosine similarity between a primary vector and its shadow's: fine steps near 1, where two
-# versions of a model that agree land.
-COSINE_BUCKETS = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)
+# versions of a model that agree land. No bucket below 0 (le="0.0" holds the opposed ones):
+# prometheus_client drops a histogram's _sum when a bucket is negative.
+COSINE_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 
 

@@ -56,6 +56,8 @@ def start_proxy(aiohttp_client: Any, tei_url: str) -> ProxyFactory:
 
 
 # A private redis-server per test, for the Redis job store (tests/redis_server.py).
+# Several models behind one proxy (tests/models.py).
+from tests.models import start_models, upstreams  # noqa: E402, F401
 from tests.redis_server import (  # noqa: E402
     NO_REDIS,
     find_redis_server,

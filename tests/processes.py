@@ -24,7 +24,8 @@ def proxy_env(**extra: str) -> dict[str, str]:
     """The test's environment without any proxy settings a developer may have exported."""
     prefixes = (
         "UPSTREAM_", "MAX_", "API_KEY", "ADMIN_TOKEN", "REQUEST_", "SHUTDOWN_", "WORKER",
-        "MODEL_SERVER_", "KEEPALIVE_", "HEADER_", "BODY_", "ACCESS_LOG",
+        "MODEL_SERVER_", "KEEPALIVE_", "HEADER_", "BODY_", "ACCESS_LOG", "MODELS_CONFIG",
+        "MODEL_LOAD_", "SHADOW_",
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra)

@@ -55,9 +55,11 @@ def expected_vector(
     normalize: bool = True,
     dimensions: int | None = None,
     prompt: str = "",
+    seed: str = "",
 ) -> list[float]:
-    """What the double answers for ``text``; tests compare the proxy's answers to this."""
-    vec = vector_for(prompt + text, dim)
+    """What the double answers for ``text``; tests compare the proxy's answers to this.
+    Doubles with different ``seed`` stand for different models: other vectors, same text."""
+    vec = vector_for(seed + prompt + text, dim)
     if dimensions is not None:
         vec = vec[:dimensions]
     if normalize:
@@ -84,6 +86,8 @@ class TeiDoubleConfig:
     serial: bool = False  # serve one /embed call at a time (a naive upstream)
     # TEI sends `x-compute-type: gpu+optimized` on every success, whatever the hardware.
     compute_type: str = "gpu+optimized"
+    # Mixed into every vector: doubles with different seeds behave as different models.
+    seed: str = ""
 
 
 @dataclass
@@ -242,7 +246,12 @@ class TeiDouble:
             text = " ".join(words)
             prompt = ""
         return expected_vector(
-            text, self.config.dim, normalize=normalize, dimensions=dimensions, prompt=prompt
+            text,
+            self.config.dim,
+            normalize=normalize,
+            dimensions=dimensions,
+            prompt=prompt,
+            seed=self.config.seed,
         )
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
@@ -404,12 +413,16 @@ def main() -> None:
     parser.add_argument("--delay-base", type=float, default=0.0)
     parser.add_argument("--delay-per-item", type=float, default=0.0)
     parser.add_argument("--max-client-batch-size", type=int, default=32)
+    parser.add_argument("--model-id", default="test-double/tei")
+    parser.add_argument("--seed", default="")
     args = parser.parse_args()
     double = TeiDouble(
         TeiDoubleConfig(
             delay_base_s=args.delay_base,
             delay_per_item_s=args.delay_per_item,
             max_client_batch_size=args.max_client_batch_size,
+            model_id=args.model_id,
+            seed=args.seed,
         )
     )
     web.run_app(double.make_app(), host=args.host, port=args.port, print=None)
