@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from proxy.metrics import Metrics
+from proxy.models_config import load_models_config
 from proxy.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +228,7 @@ def test_kustomize_renders() -> None:
 def test_compose_env_names_are_proxy_settings() -> None:
     known = setting_env_names()
     services = proxy_services()
-    assert set(services) == {"proxy", "proxy-jobs"}
+    assert set(services) == {"proxy", "proxy-jobs", "proxy-models"}
     for name, service in services.items():
         unknown = set(env_of(service)) - known
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of proxy.settings"
@@ -311,7 +312,8 @@ def test_compose_wiring() -> None:
 
     for name, service in proxy_services().items():
         env = env_of(service)
-        assert env["UPSTREAM_URL"] == "http://tei:80", name
+        if name != "proxy-models":
+            assert env["UPSTREAM_URL"] == "http://tei:80", name
         assert service["depends_on"]["tei"]["condition"] == "service_healthy", name
         assert service["env_file"] == [{"path": ".env", "required": False}], name
         assert service["restart"] in {"always", "unless-stopped", "on-failure"}, name
@@ -323,6 +325,22 @@ def test_compose_wiring() -> None:
     assert env_of(jobs)["JOB_STORE"] == "redis://redis:6379/0"
     assert jobs["depends_on"]["redis"]["condition"] == "service_healthy"
     assert len(host_ports(jobs)) >= jobs["deploy"]["replicas"]  # a host port per replica
+
+    # Two TEI models behind one proxy: the file it reads is mounted, is a valid MODELS_CONFIG,
+    # and every upstream it names is a TEI service the proxy waits for.
+    models = services["proxy-models"]
+    assert models["profiles"] == ["models"] and services["tei-bge"]["profiles"] == ["models"]
+    assert services["tei-bge"]["image"] == tei["image"]
+    source, target = models["volumes"][0].split(":")[:2]
+    assert env_of(models) == {"MODELS_CONFIG": target} and "UPSTREAM_URL" not in env_of(models)
+    config = load_models_config(ROOT / source, DEFAULTS)
+    assert len(config.models) == 2
+    for model in config.models.values():
+        for version in model.versions.values():
+            assert version.upstream is not None
+            host = version.upstream.split("//")[1].split(":")[0]
+            assert host in services and "healthcheck" in services[host], host
+            assert models["depends_on"][host]["condition"] == "service_healthy", host
 
     for name in ("prometheus", "grafana"):
         assert services[name]["profiles"] == ["monitoring"]

@@ -8,28 +8,22 @@ each replica) rather than send admin changes to one of them. README: Several mod
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
 from aiohttp import web
-from pydantic import Field, RootModel, ValidationError
+from pydantic import RootModel, ValidationError
 
 from proxy import errors
 from proxy.http.common import bearer_matches, json_response
 from proxy.http.keys import DRAINING, REGISTRY, SETTINGS
+from proxy.http.models import ShadowRequest, TrafficRequest
 from proxy.http.parsing import read_json
-from proxy.models_config import ShadowConfig, VersionConfig, describe_error
+from proxy.models_config import VersionConfig, describe_error
 
-# A model name in a path may hold one `/` (org/model), as in /models/{name}/...
-NAME = r"{name:[^/@]+(?:/[^/@]+)?}"
-VERSION = r"{version:[^/@]+}"
-
-
-class TrafficRequest(RootModel[dict[str, Annotated[int, Field(ge=0)]]]):
-    """Weights per version, e.g. {"1": 90, "2": 10}; versions left out get none."""
-
-
-class ShadowRequest(RootModel[ShadowConfig | None]):
-    """`{"version", "percent"}`, or null to stop shadow traffic."""
+# Any text (a name may hold a `/`, as in org/model): the registry says what is wrong with a
+# name, in the body a client expects, rather than the router's bare 404.
+NAME = r"{name:(?s:.+)}"
+VERSION = r"{version:(?s:.+)}"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

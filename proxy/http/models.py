@@ -18,6 +18,8 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
+from proxy.models_config import ShadowConfig
+
 U32_MAX = 2**32 - 1
 
 # Union branch names; they show up in a ValidationError's `loc` after the field's name.
@@ -231,6 +233,106 @@ class BatchResponse(RootModel[list[BatchEmbedding | BatchItemError]]):
 
 class ShutdownAccepted(BaseModel):
     message: str
+
+
+# -- several models ---------------------------------------------------------------------------
+
+
+class ModelObject(BaseModel):
+    id: str = Field(description="The model's name; `name@version` pins a version.")
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """OpenAI's `GET /v1/models`."""
+
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIModelNotFound(BaseModel):
+    """OpenAI's own body for an unknown model; the openai SDK raises NotFoundError with
+    `code` model_not_found."""
+
+    error: OpenAIErrorDetail
+
+
+class TrafficRequest(RootModel[dict[str, Annotated[int, Field(ge=0)]]]):
+    """Weights per version, e.g. {"1": 90, "2": 10}; versions left out get none."""
+
+
+class ShadowRequest(RootModel[ShadowConfig | None]):
+    """`{"version", "percent"}`, or null to stop shadow traffic."""
+
+
+class VersionState(BaseModel):
+    """A version as GET /admin/models lists it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    state: Literal["loading", "ready", "draining", "failed"]
+    error: str | None
+    traffic: int = Field(description="Its weight in the model's split.")
+    kind: str
+    upstream_model_id: str | None
+    replicas: list[dict[str, Any]] = Field(description="url, ejected, in_flight per replica.")
+    queue_depth: int
+    in_flight: int
+    concurrency_limit: int | None
+    breaker_open: bool
+    settings: dict[str, Any]
+
+
+class RegisteredVersion(VersionState):
+    model: str
+
+
+class AdminModel(BaseModel):
+    name: str
+    aliases: list[str]
+    traffic: dict[str, int]
+    shadow: ShadowConfig | None
+    versions: list[VersionState]
+
+
+class AdminModels(BaseModel):
+    default: str
+    models_config: str | None
+    shadow_queued: int
+    models: list[AdminModel]
+
+
+class VersionRemoved(BaseModel):
+    model: str
+    version: str
+    state: Literal["draining"]
+
+
+class TrafficSet(BaseModel):
+    model: str
+    traffic: dict[str, int]
+
+
+class ShadowSet(BaseModel):
+    model: str
+    shadow: ShadowConfig | None
+
+
+class ReloadSummary(BaseModel):
+    started: list[str] = Field(description="`name@version` of the versions started.")
+    kept: list[str] = Field(description="Unchanged versions, kept as they were.")
+    removed: list[str] = Field(description="Versions taken out of routing (they drain).")
+    default: str
 
 
 # -- schema generation ----------------------------------------------------------------------

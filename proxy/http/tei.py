@@ -75,8 +75,9 @@ async def openapi_spec(request: web.Request) -> web.Response:
     return json_response(build_openapi(request.app[SETTINGS]))
 
 
-# `{name}` in a path: a model name (one `/` allowed, as in org/model), maybe `@version`.
-MODEL_PREFIX = r"/models/{name:[^/@]+(?:/[^/@]+)?(?:@[^/@]+)?}"
+# `{name}` in a path: a model name (one `/` allowed, as in org/model), maybe `@version`. Any
+# text matches, so an unknown name gets the registry's 404 body, not the router's.
+MODEL_PREFIX = r"/models/{name:(?s:.+)}"
 
 
 def add_tei_routes(app: web.Application) -> None:
