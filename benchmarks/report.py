@@ -19,6 +19,7 @@ SCENARIO_TITLES = {
     "serial": "(h) Serial upstream: proxy vs an async-batcher timer batcher vs direct",
     "mixed": "(i) Mixed texts (80 % short, 20 % long): direct vs proxied, TEI emulator",
     "step": "(j) Step change: 8 -> 256 -> 8 clients through the proxy, over time",
+    "models": "(k) Two models at once: one proxy (MODELS_CONFIG) vs a proxy each",
 }
 
 

@@ -23,7 +23,15 @@ import orjson
 import psutil
 
 from benchmarks import procs, promstats
-from benchmarks.harness import Context, closed, describe_proxy, measure, wait_idle
+from benchmarks.harness import (
+    Context,
+    closed,
+    describe_proxy,
+    emulator_stats,
+    measure,
+    row_from,
+    wait_idle,
+)
 from benchmarks.loadgen import LoadSpec, StepResult, StepSpec, percentiles, run_load, run_steps
 from benchmarks.procs import busy_seconds as _busy
 from benchmarks.texts import TextKind
@@ -1024,6 +1032,182 @@ async def step(ctx: Context) -> dict[str, Any]:
     }
 
 
+# -- (k) several models: one proxy for two models vs a proxy each ----------------------------
+
+# Two TEI-like upstreams (GPU-like cost: TEI batches internally), one per model.
+MODELS = ("minilm", "bge")
+MODELS_COST = (5.0, 0.05)
+
+
+def _model_batch(before: promstats.Snapshot, after: promstats.Snapshot, **labels: str) -> float:
+    """Mean items per upstream call between the snapshots (for the labels given)."""
+    count = after.value("proxy_batch_size_count", **labels) - before.value(
+        "proxy_batch_size_count", **labels
+    )
+    total = after.value("proxy_batch_size_sum", **labels) - before.value(
+        "proxy_batch_size_sum", **labels
+    )
+    return total / count if count else math.nan
+
+
+async def _both_at_once(
+    ctx: Context,
+    label: str,
+    clients: int,
+    targets: list[tuple[str, procs.Server, str, dict[str, str]]],
+    emus: dict[str, procs.Server],
+    servers: list[procs.Server],
+) -> list[dict[str, Any]]:
+    """``clients`` closed-loop clients per model, both models loaded at the same time.
+    ``targets``: (model, proxy, path, labels of that model's metrics on that proxy)."""
+    proxies = list(dict.fromkeys(px for _, px, _, _ in targets))
+    for px in proxies:
+        await wait_idle(px, None)
+    for emu in emus.values():
+        await wait_idle(None, emu)
+    background = await ctx.settle()
+    metrics_before = {px.url: promstats.fetch(px.url) for px in proxies}
+    emus_before = {m: emulator_stats(e) for m, e in emus.items()}
+    p = ctx.profile
+    specs = [
+        LoadSpec(
+            url=px.url,
+            path=path,
+            concurrency=clients,
+            duration_s=p.duration_s,
+            warmup_s=p.warmup_s,
+            ramp_s=min(p.warmup_s, 1.0) if clients > 64 else 0.0,
+        )
+        for _, px, path, _ in targets
+    ]
+    with procs.CpuMeter(servers) as cpu:
+        results = await asyncio.gather(*(run_load(spec) for spec in specs))
+    rows = []
+    for (model, px, _, labels), result in zip(targets, results, strict=True):
+        after = promstats.fetch(px.url)
+        before = metrics_before[px.url]
+        mean = _model_batch(before, after, **labels)
+        count = after.value("proxy_batch_size_count", **labels) - before.value(
+            "proxy_batch_size_count", **labels
+        )
+        stats = emulator_stats(emus[model])
+        delta = {k: stats[k] - emus_before[model][k] for k in ("calls", "items", "batches")}
+        delta["mean_internal_batch"] = (
+            delta["items"] / delta["batches"] if delta["batches"] else math.nan
+        )
+        row = row_from(
+            result.to_dict(),
+            label=label,
+            group=model,
+            cpu_cores={k: round(v, 3) for k, v in cpu.cores.items()},
+            busy_cores_before=background,
+            batch_sizes={"mean": mean, "batches": round(count)},
+            upstream=delta,
+        )
+        ctx.log(
+            f"  {label:<12} {model:<7} c={clients:<4} {row['throughput_rps']:8.1f} req/s  "
+            f"p50 {row['p50_ms']:7.2f}  p99 {row['p99_ms']:7.2f} ms  mean batch {mean:.1f}  "
+            f"errors {row['errors'] or '-'}"
+        )
+        rows.append(row)
+    return rows
+
+
+async def models(ctx: Context) -> dict[str, Any]:
+    """Two models under load at once: one proxy with MODELS_CONFIG routing to both (each
+    model batching on its own) against the same two served by a proxy each."""
+    a, b = MODELS_COST
+    levels = (32,) if ctx.profile.quick else (16, 64, 256)
+    emus = {m: procs.emulator("tei", ctx.log_dir, a_ms=a, b_ms=b, **TEI_LIMITS) for m in MODELS}
+    rows: list[dict[str, Any]] = []
+    with procs.running(*emus.values()):
+        config = ctx.log_dir / "models.yaml"
+        config.write_text(
+            orjson.dumps(
+                {
+                    "default": MODELS[0],
+                    "models": {m: {"versions": {"1": {"upstream": emus[m].url}}} for m in MODELS},
+                }
+            ).decode()
+        )
+        shared = procs.proxy(ctx.log_dir, None, "--models-config", str(config))
+        own = {m: procs.proxy(ctx.log_dir, emus[m].url) for m in MODELS}
+        with procs.running(shared, *own.values()):
+            for clients in levels:
+                # Side by side at each level, so drift in the machine hits both alike.
+                rows += await _both_at_once(
+                    ctx,
+                    "one proxy",
+                    clients,
+                    [(m, shared, f"/models/{m}/embed", {"model": m}) for m in MODELS],
+                    emus,
+                    [shared, *emus.values()],
+                )
+                rows += await _both_at_once(
+                    ctx,
+                    "two proxies",
+                    clients,
+                    [(m, own[m], "/embed", {}) for m in MODELS],
+                    emus,
+                    [*own.values(), *emus.values()],
+                )
+
+    def pick(label: str, model: str, clients: int) -> dict[str, Any]:
+        return next(
+            r for r in rows if (r["label"], r["group"], r["concurrency"]) == (label, model, clients)
+        )
+
+    summary = []
+    throughput_ratios, batch_ratios = [], []
+    for clients in levels:
+        one = sum(pick("one proxy", m, clients)["throughput_rps"] for m in MODELS)
+        two = sum(pick("two proxies", m, clients)["throughput_rps"] for m in MODELS)
+        throughput_ratios.append(_ratio(one, two))
+        line: list[Any] = [clients, one, two, _ratio(one, two)]
+        for m in MODELS:
+            mine = pick("one proxy", m, clients)["batch_sizes"]["mean"]
+            alone = pick("two proxies", m, clients)["batch_sizes"]["mean"]
+            batch_ratios.append(_ratio(mine, alone))
+            line += [mine, alone]
+        summary.append(line)
+    columns = ["clients per model", "one proxy req/s", "two proxies req/s", "one / two"]
+    for m in MODELS:
+        columns += [f"{m} batch, one proxy", f"{m} batch, own proxy"]
+    return {
+        "rows": rows,
+        "targets": [
+            target(
+                "k1",
+                "two models at once: one proxy / a proxy each, total throughput (worst level)",
+                min(throughput_ratios),
+                0.8,
+            ),
+            target(
+                "k2",
+                "each model batches on its own: mean upstream batch, one proxy / own proxy "
+                "(worst model and level)",
+                min(batch_ratios),
+                0.8,
+            ),
+        ],
+        "tables": [{"title": "Both models at once", "columns": columns, "rows": summary}],
+        "setup": {
+            "upstreams": f"two TEI emulators (one per model), a={a:g} ms + b={b:g} ms per "
+            f"item; {TEI_LIMITS}",
+            "one proxy": f"MODELS_CONFIG with {' and '.join(MODELS)} (one version each), "
+            "clients on /models/{name}/embed; defaults otherwise",
+            "two proxies": "one proxy per model, UPSTREAM_URL to its emulator, defaults",
+            "load": f"closed loop, short texts, the same clients per model on both models at "
+            f"once, levels {levels}",
+        },
+        "notes": [
+            "The two proxies have a process (and so up to a core) each; the one proxy serves "
+            "both models from one event loop. On this 2-core machine the load generator and "
+            "the emulators share the same cores."
+        ],
+    }
+
+
 def _mean(values: Any) -> float:
     xs = [float(v) for v in values if v is not None]
     return sum(xs) / len(xs) if xs else math.nan
@@ -1045,4 +1229,5 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": memory,
     "overload": overload,
     "step": step,
+    "models": models,
 }
