@@ -161,11 +161,12 @@ def _front_middleware(
         arrived = time.monotonic()
         headers = request.headers
         # A model named in the path (/models/{name}/...) wins over the X-Model header.
+        in_path = request.match_info.get("name") if request.path.startswith("/models/") else None
         ctx = RequestContext(
             request_id=rid,
             arrived=arrived,
             deadline=arrived + request_timeout_s,
-            requested_model=request.match_info.get("name") or headers.get("X-Model"),
+            requested_model=in_path or headers.get("X-Model"),
             user=headers.get("X-User-Id"),
             route=route,
         )

@@ -21,8 +21,9 @@ from aiohttp import web
 class RequestContext:
     request_id: str
     # time.monotonic() instants: when the request arrived, and when it must be answered. The
-    # registry resets ``deadline`` to the chosen version's REQUEST_TIMEOUT, never past
-    # ``deadline_limit`` (an outer bound such as an async job's lifetime).
+    # registry sets ``deadline`` when it routes the request (its body read and parsed) from
+    # the chosen version's REQUEST_TIMEOUT, never past ``deadline_limit`` (an outer bound
+    # such as an async job's lifetime).
     arrived: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     deadline_limit: float = math.inf

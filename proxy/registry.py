@@ -405,7 +405,9 @@ class Registry:
         else:
             mv = self._split(entry, ctx, inputs)
         ctx.model, ctx.version = entry.name, mv.version
-        ctx.deadline = min(ctx.deadline_limit, ctx.arrived + mv.service.config.request_timeout)
+        # REQUEST_TIMEOUT counts from here, once the body is read and parsed (reading it has
+        # its own bound, BODY_READ_TIMEOUT), as it did before there were several models.
+        ctx.deadline = min(ctx.deadline_limit, time.monotonic() + mv.service.config.request_timeout)
         return entry, mv
 
     def _split(
@@ -623,18 +625,16 @@ class Registry:
                     "versions": versions,
                 }
             )
-        # Models that only exist aside (e.g. a first version that failed to register).
+        # Models that only exist aside (e.g. a first version that failed to register, or a
+        # model a reload removed, still draining).
+        aside: dict[str, list[dict[str, Any]]] = {}
         for (model, _), mv in sorted(self._aside.items()):
             if model not in snapshot.models:
-                models.append(
-                    {
-                        "name": model,
-                        "aliases": [],
-                        "traffic": {},
-                        "shadow": None,
-                        "versions": [mv.describe(0)],
-                    }
-                )
+                aside.setdefault(model, []).append(mv.describe(0))
+        for model, versions in aside.items():
+            models.append(
+                {"name": model, "aliases": [], "traffic": {}, "shadow": None, "versions": versions}
+            )
         return {
             "default": snapshot.default,
             "models_config": str(self.config_path) if self.config_path else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 import uuid
 from typing import Any
 
@@ -12,7 +11,6 @@ import orjson
 from aiohttp import web
 
 from proxy.errors import ApiError
-from proxy.http.keys import SETTINGS
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -45,11 +43,6 @@ def error_response_for(request: web.Request, exc: ApiError) -> web.Response:
     if request.path in OPENAI_PATHS:
         return openai_error_response(exc)
     return error_response(exc)
-
-
-def deadline_for(request: web.Request) -> float:
-    """The ``time.monotonic()`` instant by which this request must be answered."""
-    return time.monotonic() + request.app[SETTINGS].request_timeout
 
 
 def bearer_matches(request: web.Request, expected: str) -> bool:
