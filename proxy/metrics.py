@@ -240,6 +240,74 @@ class Metrics:
         # before its predecessor closes, and that close must not unbind the successor.
         self._gauge_owners: dict[tuple[str, str], object] = {}
 
+        # -- the embedding cache (proxy/cache/) ---------------------------------------------
+        self.cache_hits = Counter(
+            "proxy_cache_hits",
+            "Items answered from the cache, by model, version and level (memory: per item; "
+            "redis: per distinct item looked up there).",
+            ["model", "version", "level"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "proxy_cache_misses",
+            "Items the cache did not hold, by model, version and level (memory: per item; "
+            "redis: per distinct item looked up there).",
+            ["model", "version", "level"],
+            registry=r,
+        )
+        self.cache_merges = Counter(
+            "proxy_cache_dedup_merges",
+            "Items that shared an identical item's upstream work instead of their own, by "
+            "scope (request: a repeat within one list; in_flight: another request's item).",
+            ["model", "version", "scope"],
+            registry=r,
+        )
+        self.cache_bypassed = Counter(
+            "proxy_cache_bypassed_items",
+            "Items whose request skipped the lookups (Cache-Control no-cache or no-store).",
+            ["model", "version", "directive"],
+            registry=r,
+        )
+        # livesum: with several workers, each has its own memory level; the sum is the total.
+        self.cache_bytes = Gauge(
+            "proxy_cache_bytes",
+            "Bytes the in-memory cache accounts for (vectors, keys and per-entry overhead).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_entries = Gauge(
+            "proxy_cache_entries",
+            "Vectors in the in-memory cache.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_redis_duration = Histogram(
+            "proxy_cache_redis_duration_seconds",
+            "Redis calls of the cache (get: one MGET; set: one pipeline of writes).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_redis_errors = Counter(
+            "proxy_cache_redis_errors",
+            "Failed Redis calls of the cache, and values that were not a vector "
+            "(reason bad_value), by operation and reason.",
+            ["op", "reason"],
+            registry=r,
+        )
+        self.cache_redis_breaker_open = Gauge(
+            "proxy_cache_redis_breaker_open",
+            "1 while the cache does not ask Redis after repeated failures (with several "
+            "workers: 1 if any worker's breaker is open).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cache_redis_dropped_writes = Counter(
+            "proxy_cache_redis_dropped_writes",
+            "Vectors not written to Redis (it failed, was skipped, or too many writes waited).",
+            registry=r,
+        )
+
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Let ``gauge`` show ``read()``: at scrape time in one process; copied every second
         and at each scrape with several workers (see the module's docstring)."""

@@ -443,6 +443,43 @@ class Settings(BaseSettings):
         "and trace id.",
     )
 
+    # -- the embedding cache ------------------------------------------------------------------
+    cache_size_mb: float = Field(
+        64.0,
+        ge=0,
+        description="Memory for the in-process cache of vectors, in MiB (float32 vectors, "
+        "keys and bookkeeping all counted; least recently used evicted). 0 switches the "
+        "cache and the merging of identical items in flight off.",
+    )
+    cache_url: str | None = Field(
+        None,
+        description="A redis://, rediss:// or unix:// URL: a second cache level shared by "
+        "every replica using it. Fail-open: a slow or dead Redis only costs CACHE_TIMEOUT_MS "
+        "per lookup. Needs CACHE_SIZE_MB > 0.",
+    )
+    cache_ttl: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Seconds a vector stays in Redis (the in-memory level has no TTL: a model "
+        "version's vectors never change).",
+    )
+    cache_timeout_ms: float = Field(
+        20.0,
+        gt=0,
+        le=60_000,
+        description="Milliseconds one Redis lookup may take before its items count as misses.",
+    )
+    cache_key_prefix: str = Field(
+        "ebp:cache",
+        min_length=1,
+        description="Prefix of the cache's Redis keys (<prefix>:<sha256 hex>).",
+    )
+    cache_breaker_cooldown: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the cache stops asking Redis after 3 failed calls in a row.",
+    )
+
     # -- embedded model ---------------------------------------------------------------------
     embedded_cache_dir: Path | None = Field(
         None, description="Where the embedded model's built ONNX graph is cached."
@@ -468,6 +505,21 @@ class Settings(BaseSettings):
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be `memory` or a redis://, rediss:// or unix:// URL")
         return value
+
+    @field_validator("cache_url")
+    @classmethod
+    def _check_cache_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> Settings:
+        if self.cache_url is not None and self.cache_size_mb == 0:
+            raise ValueError("CACHE_URL needs CACHE_SIZE_MB > 0 (0 switches the cache off)")
+        return self
 
     @model_validator(mode="after")
     def _check_job_bounds(self) -> Settings:

@@ -1,0 +1,442 @@
+"""The cache in front of the batcher: single-flight dedup, the in-memory LRU, and the
+optional Redis level.
+
+For each item of a request, in order:
+
+1. the in-memory LRU (a hit is answered at once);
+2. an identical item already in flight, from this request or another: the item joins it
+   and shares its one result (a *merge*);
+3. otherwise a new *flight*: Redis first when configured (the lookups of one event-loop
+   turn go as one MGET), then the upstream through the batcher.
+
+A flight ends once: with a vector, which every waiter gets (the same read-only float32
+array) and which is stored; or with an error, which every waiter gets and which is never
+stored. A waiter that leaves (its caller disconnected, timed out, or its request failed on
+another item) leaves the others alone: the flight's upstream item is cancelled only when its
+*last* waiter is gone, so the batcher then drops it if it is still queued.
+
+``Cache-Control`` can skip the lookups (``no-cache``: the vector is still stored) or both
+lookups and storing (``no-store``). Such items never take a vector from Redis or the LRU,
+but they may share an identical item already on its way to the upstream: that vector is as
+fresh as their own would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from proxy.batcher import DeadlineExceededError
+from proxy.cache.identity import CacheScope, KeyMaker
+from proxy.cache.lru import VectorLRU
+from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
+
+if TYPE_CHECKING:
+    from proxy.cache.l2 import RedisL2
+    from proxy.metrics import Metrics
+
+# Vectors are kept and answered as little-endian float32, as TEI computes them. orjson
+# writes a float32 array in float32's shortest form, which is exactly what TEI sends.
+F32 = np.dtype("<f4")
+
+# Sends one item to the upstream (through the batcher) with a deadline; the future is its
+# vector. It may raise at once (queue full, shutting down): the flight then fails with it.
+Submit = Callable[[EmbedInput, float], asyncio.Future[Vector]]
+
+
+@dataclass(slots=True)
+class CacheUse:
+    """What one request asks of the cache (from ``Cache-Control``) and what it got: counts
+    of items answered from the cache (either level) and of items that were not."""
+
+    read: bool = True  # look items up; False for no-cache and no-store
+    write: bool = True  # store what the upstream computes; False for no-store
+    hits: int = 0
+    misses: int = 0
+    counted: bool = False  # a cache took part (the response then says X-Cache-*)
+
+    @property
+    def directive(self) -> str | None:
+        if not self.read:
+            return "no-cache" if self.write else "no-store"
+        return None
+
+
+class _Stage(enum.Enum):
+    LOOKUP = "lookup"  # asking Redis
+    UPSTREAM = "upstream"  # queued in the batcher or in an upstream call
+
+
+class _Flight:
+    """One item on its way, and everyone waiting for it."""
+
+    __slots__ = (
+        "deadline",
+        "digest",
+        "expected_len",
+        "finished",
+        "item",
+        "key",
+        "live",
+        "registered",
+        "scope",
+        "stage",
+        "store",
+        "submit",
+        "upstream",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        key: bytes,
+        digest: bytes,
+        item: EmbedInput,
+        stage: _Stage,
+        submit: Submit,
+        scope: CacheScope,
+        expected_len: int | None,
+        registered: bool,
+    ) -> None:
+        self.key = key  # the LRU's key: the version's group id + digest
+        self.digest = digest  # SHA-256 of the identity (Redis's key)
+        self.item = item
+        self.stage = stage
+        self.submit = submit
+        self.scope = scope  # for its metrics' labels
+        self.expected_len = expected_len  # bytes of a valid vector, when known
+        self.registered = registered  # others may join it (False: a private no-cache one)
+        self.store = False
+        self.deadline = 0.0  # the latest waiter's
+        self.waiters: list[asyncio.Future[Vector]] = []
+        self.live = 0  # waiters still waiting
+        self.upstream: asyncio.Future[Vector] | None = None
+        self.finished = False
+
+
+class _Counters:
+    """One model version's cache metrics, labelled once."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.l1_hits = metrics.cache_hits.labels(model, version, "memory")
+        self.l1_misses = metrics.cache_misses.labels(model, version, "memory")
+        self.l2_hits = metrics.cache_hits.labels(model, version, "redis")
+        self.l2_misses = metrics.cache_misses.labels(model, version, "redis")
+        self.merged_request = metrics.cache_merges.labels(model, version, "request")
+        self.merged_in_flight = metrics.cache_merges.labels(model, version, "in_flight")
+        self.bypassed = {
+            "no-cache": metrics.cache_bypassed.labels(model, version, "no-cache"),
+            "no-store": metrics.cache_bypassed.labels(model, version, "no-store"),
+        }
+
+
+def as_f32_bytes(vector: Vector) -> bytes:
+    return np.asarray(vector, dtype=F32).tobytes()
+
+
+def view(value: bytes) -> Vector:
+    """A read-only float32 array over the stored bytes: no copy, safe to share."""
+    return cast(Vector, np.frombuffer(value, dtype=F32))
+
+
+class EmbeddingCache:
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        l2: RedisL2 | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.lru = VectorLRU(max_bytes)
+        self.l2 = l2
+        self._metrics = metrics
+        self._counters: dict[tuple[str, str], _Counters] = {}
+        self._flights: dict[bytes, _Flight] = {}
+        self._lookups = 0  # Redis lookups under way
+        self._lookups_done = asyncio.Event()
+        self._lookups_done.set()
+        if metrics is not None:
+            metrics.track(metrics.cache_bytes, lambda: self.lru.used_bytes)
+            metrics.track(metrics.cache_entries, lambda: self.lru.entries)
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Distinct items on their way (in Redis lookups, queued or upstream)."""
+        return len(self._flights)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.lru.stats()
+        return {
+            "enabled": True,
+            "max_bytes": s.max_bytes,
+            "bytes": s.used_bytes,
+            "entries": s.entries,
+            "evicted_for_room": s.evicted_for_room,
+            "evicted_for_version": s.evicted_for_version,
+            "in_flight": len(self._flights),
+            "redis": self.l2.describe() if self.l2 is not None else None,
+        }
+
+    def evict_version(self, model: str, version: str) -> int:
+        """Drop a model version's entries from memory (it left the registry); return how
+        many. Redis keeps them until their TTL: their keys name the version, so only the
+        same version (with the same upstream) can ever read them again."""
+        return self.lru.evict_version(model, version)
+
+    async def wait_lookups(self) -> None:
+        """Until no Redis lookup is under way (each is bounded by the Redis timeout): a
+        drain calls this first, so items still being looked up reach the batcher before it
+        stops taking new ones."""
+        while self._lookups:
+            await self._lookups_done.wait()
+
+    async def aclose(self) -> None:
+        if self.l2 is not None:
+            await self.l2.aclose()
+
+    # -- the request path ---------------------------------------------------------------
+
+    def submit(
+        self,
+        scope: CacheScope,
+        options: EmbedOptions,
+        truncate: bool,
+        inputs: Sequence[EmbedInput],
+        *,
+        deadline: float,
+        use: CacheUse,
+        upstream: Submit,
+        reserve: Callable[[int], None],
+        dimension: int | None = None,
+    ) -> list[asyncio.Future[Vector]]:
+        """One future per input, in order. ``truncate`` is the effective truncation, for
+        the key. ``reserve(n)`` is called with the number of new items that may go to the
+        upstream before anything is changed, and may raise to refuse the whole request
+        (e.g. a full queue); ``dimension`` (when known) checks values read from Redis."""
+        loop = asyncio.get_running_loop()
+        keys = KeyMaker(scope, options, truncate)
+        group = self.lru.group(scope.model, scope.version)
+        read = use.read
+        l2 = self.l2
+        stage = _Stage.LOOKUP if read and l2 is not None and l2.available else _Stage.UPSTREAM
+        expected_len = None
+        if options.dimensions is not None:
+            expected_len = options.dimensions * F32.itemsize
+        elif dimension is not None:
+            expected_len = dimension * F32.itemsize
+        # Plan first, with no side effect but LRU recency, so a refusal leaves nothing behind.
+        plan: list[bytes | _Flight] = []
+        new: dict[bytes, _Flight] = {}
+        hits = merged_request = merged_in_flight = 0
+        for item in inputs:
+            digest = keys.key(item)
+            key = group + digest
+            if read:
+                value = self.lru.get(key)
+                if value is not None:
+                    plan.append(value)
+                    hits += 1
+                    continue
+            flight = new.get(key)
+            if flight is not None:
+                plan.append(flight)
+                merged_request += 1
+                continue
+            flight = self._flights.get(key)
+            # An item that may not read the cache joins only a flight already past Redis.
+            if flight is not None and (read or flight.stage is _Stage.UPSTREAM):
+                plan.append(flight)
+                merged_in_flight += 1
+                continue
+            flight = _Flight(
+                key,
+                digest,
+                item,
+                stage,
+                upstream,
+                scope,
+                expected_len,
+                registered=flight is None,
+            )
+            new[key] = flight
+            plan.append(flight)
+        reserve(len(new))
+
+        futures: list[asyncio.Future[Vector]] = []
+        for entry in plan:
+            fut: asyncio.Future[Vector] = loop.create_future()
+            if isinstance(entry, bytes):
+                fut.set_result(view(entry))
+            else:
+                self._join(entry, fut, deadline, use.write)
+            futures.append(fut)
+        lookups: list[_Flight] = []
+        for flight in new.values():
+            if flight.registered:
+                self._flights[flight.key] = flight
+            if flight.stage is _Stage.LOOKUP:
+                lookups.append(flight)
+            else:
+                self._send(flight)
+        if lookups:
+            self._look_up(lookups)
+
+        misses = len(inputs) - hits
+        use.hits += hits
+        use.misses += misses
+        use.counted = True
+        if self._metrics is not None:
+            c = self._model_counters(scope)
+            if read:
+                c.l1_hits.inc(hits)
+                c.l1_misses.inc(misses)
+            else:
+                c.bypassed[use.directive or "no-cache"].inc(len(inputs))
+            if merged_request:
+                c.merged_request.inc(merged_request)
+            if merged_in_flight:
+                c.merged_in_flight.inc(merged_in_flight)
+        return futures
+
+    def _model_counters(self, scope: CacheScope) -> _Counters:
+        key = (scope.model, scope.version)
+        counters = self._counters.get(key)
+        if counters is None:
+            assert self._metrics is not None
+            counters = self._counters[key] = _Counters(self._metrics, *key)
+        return counters
+
+    # -- flights ------------------------------------------------------------------------
+
+    def _join(
+        self, flight: _Flight, fut: asyncio.Future[Vector], deadline: float, write: bool
+    ) -> None:
+        flight.waiters.append(fut)
+        flight.live += 1
+        flight.deadline = max(flight.deadline, deadline)
+        flight.store = flight.store or write
+        fut.add_done_callback(functools.partial(self._waiter_gone, flight))
+
+    def _waiter_gone(self, flight: _Flight, _fut: asyncio.Future[Vector]) -> None:
+        # Runs for every waiter once its future is done; only a waiter that left before
+        # the flight ended counts here.
+        if flight.finished:
+            return
+        flight.live -= 1
+        if flight.live == 0:
+            # The last waiter left: the item leaves the batch (if still queued) now.
+            self._end(flight)
+            if flight.upstream is not None and not flight.upstream.done():
+                flight.upstream.cancel()
+
+    def _end(self, flight: _Flight) -> None:
+        flight.finished = True
+        if flight.registered and self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    def _send(self, flight: _Flight) -> None:
+        flight.stage = _Stage.UPSTREAM
+        try:
+            fut = flight.submit(flight.item, flight.deadline)
+        except Exception as exc:  # refused at once (queue full, draining): everyone hears
+            self._fail(flight, exc)
+            return
+        flight.upstream = fut
+        fut.add_done_callback(functools.partial(self._computed, flight))
+
+    def _computed(self, flight: _Flight, fut: asyncio.Future[Vector]) -> None:
+        exc = None if fut.cancelled() else fut.exception()  # retrieved, whoever is left
+        if flight.finished:
+            return
+        if fut.cancelled():  # not by us (we cancel only once nobody waits): the loop is ending
+            self._end(flight)
+            for waiter in flight.waiters:
+                waiter.cancel()
+            return
+        if exc is not None:
+            if isinstance(exc, DeadlineExceededError) and flight.deadline > time.monotonic():
+                # The first waiter's time ran out while queued; a later one's has not.
+                self._send(flight)
+                return
+            self._fail(flight, exc)
+            return
+        try:
+            value = as_f32_bytes(fut.result())
+        except (TypeError, ValueError) as err:
+            self._fail(flight, err)
+            return
+        self._succeed(flight, value, from_upstream=True)
+
+    def _succeed(self, flight: _Flight, value: bytes, *, from_upstream: bool) -> None:
+        self._end(flight)
+        if flight.store:
+            self.lru.put(flight.key, value)
+            if from_upstream and self.l2 is not None:
+                self.l2.put(flight.digest, value)
+        vector = view(value)
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_result(vector)
+
+    def _fail(self, flight: _Flight, exc: BaseException) -> None:
+        # Never stored: the next identical item is tried afresh.
+        self._end(flight)
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    # -- Redis --------------------------------------------------------------------------
+
+    def _look_up(self, flights: list[_Flight]) -> None:
+        assert self.l2 is not None
+        self._lookups += 1
+        self._lookups_done.clear()
+        lookup = self.l2.get_many([f.digest for f in flights])
+        lookup.add_done_callback(functools.partial(self._looked_up, flights))
+
+    def _looked_up(
+        self, flights: list[_Flight], lookup: asyncio.Future[list[bytes | None]]
+    ) -> None:
+        self._lookups -= 1
+        if self._lookups == 0:
+            self._lookups_done.set()
+        values: list[bytes | None] = (
+            [None] * len(flights) if lookup.cancelled() else lookup.result()
+        )
+        hits: dict[CacheScope, int] = {}
+        misses: dict[CacheScope, int] = {}
+        for flight, value in zip(flights, values, strict=True):
+            if value is not None and not _valid(value, flight.expected_len):
+                value = None  # not a vector of this model: a miss, never an answer
+                if self._metrics is not None:
+                    self._metrics.cache_redis_errors.labels("get", "bad_value").inc()
+            if value is None:
+                misses[flight.scope] = misses.get(flight.scope, 0) + 1
+                if not flight.finished:
+                    self._send(flight)
+                continue
+            hits[flight.scope] = hits.get(flight.scope, 0) + 1
+            if flight.finished:  # everyone left meanwhile: keep the vector anyway
+                self.lru.put(flight.key, value)
+            else:
+                self._succeed(flight, value, from_upstream=False)
+        if self._metrics is not None:
+            for scope, n in hits.items():
+                self._model_counters(scope).l2_hits.inc(n)
+            for scope, n in misses.items():
+                self._model_counters(scope).l2_misses.inc(n)
+
+
+def _valid(value: bytes, expected_len: int | None) -> bool:
+    if expected_len is not None:
+        return len(value) == expected_len
+    return len(value) > 0 and len(value) % F32.itemsize == 0
