@@ -14,20 +14,32 @@ from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Middleware
 
 from proxy import errors
+from proxy.cache import build_cache
 from proxy.capture import CaptureWriter, Sampler
 from proxy.context import CONTEXT, RequestContext
 from proxy.errors import ApiError, ErrorType
 from proxy.hooks import Hooks, as_hook, load_hook
 from proxy.http import add_routes
 from proxy.http.common import (
+    add_cache_headers,
     bearer_matches,
+    cache_use,
     error_response,
     error_response_for,
     escape_for_log,
     request_id,
 )
 from proxy.http.docs import PUBLIC_DOCS_ROUTES
-from proxy.http.keys import DRAINING, JOBS, METRICS, OBSERVER, REGISTRY, SETTINGS, SHUTDOWN
+from proxy.http.keys import (
+    CACHE,
+    DRAINING,
+    JOBS,
+    METRICS,
+    OBSERVER,
+    REGISTRY,
+    SETTINGS,
+    SHUTDOWN,
+)
 from proxy.http.predict import as_floats
 from proxy.http.status import PUBLIC_STATUS_ROUTES
 from proxy.jobs.factory import build_job_store
@@ -169,6 +181,7 @@ def _front_middleware(
             requested_model=in_path or headers.get("X-Model"),
             user=headers.get("X-User-Id"),
             route=route,
+            cache=cache_use(headers),
         )
         request[CONTEXT] = ctx
         draining = request.app[DRAINING]
@@ -233,6 +246,7 @@ def _front_middleware(
         served_as = ctx.served_as
         if served_as is not None and "X-Model" not in response.headers:
             response.headers["X-Model"] = served_as
+        add_cache_headers(response, ctx.cache)
         elapsed_s = time.perf_counter() - started
         metrics.requests.labels(route, str(response.status)).inc()
         metrics.request_duration.labels(route).observe(elapsed_s)
@@ -299,7 +313,12 @@ async def close(app: web.Application) -> None:
     try:
         await app[JOBS].close()
     finally:
-        await app[REGISTRY].close()
+        try:
+            await app[REGISTRY].close()
+        finally:
+            cache = app.get(CACHE)  # shared by every version: closed after them
+            if cache is not None:
+                await cache.aclose()
 
 
 def _build_hooks(
@@ -377,7 +396,10 @@ def create_app(
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        registry = Registry(settings, metrics, upstream_factory, tracing=observer.tracing)
+        cache = build_cache(settings, metrics)
+        registry = Registry(
+            settings, metrics, upstream_factory, tracing=observer.tracing, cache=cache
+        )
         jobs = build_job_store(
             settings.job_store,
             max_jobs=settings.max_jobs,
@@ -389,6 +411,8 @@ def create_app(
             job_timeout_s=settings.job_timeout,
         )
         app[REGISTRY] = registry
+        if cache is not None:
+            app[CACHE] = cache
         app[JOBS] = jobs
         if jobs.kind == "memory" and settings.workers > 1:
             log.warning(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.cache import CacheUse
+
 
 @dataclass(slots=True)
 class RequestContext:
@@ -40,6 +42,10 @@ class RequestContext:
     # The version this request was mirrored to (shadow traffic), once chosen.
     shadow_version: str | None = None
     route: str = ""
+    # What the request asks of the cache (its Cache-Control) and what it got (hits and
+    # misses, for X-Cache-*). Shared by the parts of one request (a /batch of several
+    # models), so the counts are the request's.
+    cache: CacheUse = field(default_factory=CacheUse)
 
     @property
     def served_as(self) -> str | None:

@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy import errors
+from proxy.cache import CacheUse, EmbeddingCache
 from proxy.context import RequestContext
 from proxy.errors import ApiError, ErrorType, ModelNotFoundError
 from proxy.metrics import Metrics
@@ -205,11 +206,13 @@ class Registry:
         upstream_factory: UpstreamFactory,
         *,
         tracing: Tracing | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._factory = upstream_factory
         self._tracing = tracing
+        self.cache = cache  # shared by every version's service
         self._snapshot: Snapshot | None = None
         # Versions outside the snapshot, shown by GET /admin/models: being registered,
         # failed to register, or draining after they left routing.
@@ -277,6 +280,7 @@ class Registry:
             config,
             self.metrics,
             tracing=self._tracing,
+            cache=self.cache,
         )
         mv = ModelVersion(service, None)
         try:
@@ -308,7 +312,14 @@ class Registry:
             raise errors.validation(str(exc)) from None
         upstream = self._factory(config, self.settings)
         service = EmbeddingService(
-            name, version, upstream, self.settings, config, self.metrics, tracing=self._tracing
+            name,
+            version,
+            upstream,
+            self.settings,
+            config,
+            self.metrics,
+            tracing=self._tracing,
+            cache=self.cache,
         )
         return ModelVersion(service, spec)
 
@@ -332,6 +343,8 @@ class Registry:
     async def _probe(self, service: EmbeddingService) -> None:
         ctx = RequestContext.internal(timeout_s=service.config.request_timeout)
         ctx.model, ctx.version = service.model, service.version
+        # The probe checks the upstream: it must reach it, never a cached vector.
+        ctx.cache = CacheUse(read=False, write=False)
         await service.embed([PROBE_TEXT], EmbedOptions(), ctx)
 
     def _all_versions(self) -> list[ModelVersion]:
@@ -711,9 +724,23 @@ class Registry:
             finally:
                 if self._aside.get(key) is mv:
                     del self._aside[key]
+                self._forget_vectors(mv)
                 log.info("%s closed", mv.service.label)
 
         self._spawn(retire())
+
+    def _forget_vectors(self, mv: ModelVersion) -> None:
+        """A version that left the registry takes its cached vectors with it, unless a
+        version of the same name routes again (a replacement: its keys name its own
+        upstream, so it never reads the old vectors; they age out)."""
+        if self.cache is None or self._snapshot is None:
+            return
+        entry = self._snapshot.models.get(mv.model)
+        if entry is not None and mv.version in entry.versions:
+            return
+        dropped = self.cache.evict_version(mv.model, mv.version)
+        if dropped:
+            log.info("%s: %d cached vectors dropped", mv.service.label, dropped)
 
     async def put_version(
         self, name: str, version: str, spec: VersionConfig

@@ -43,6 +43,11 @@ class InputRules:
     def _auto_truncate(self) -> bool:
         return self.info.auto_truncate if self.info is not None else True
 
+    def effective_truncate(self, options: EmbedOptions) -> bool:
+        """Whether the upstream truncates for these options: the request's own choice, else
+        the upstream's auto_truncate (so both spell the same cache key)."""
+        return options.truncate if options.truncate is not None else self._auto_truncate()
+
     def _max_chars(self, options: EmbedOptions) -> tuple[int | None, bool]:
         """The character limit for one input, and whether it is TEI's own rule."""
         if self.max_input_chars is not None:

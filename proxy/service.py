@@ -14,6 +14,7 @@ queue, a slow upstream) never blocks another's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from proxy.batcher import (
     QueueFullError,
 )
 from proxy.bisector import Bisector, Item
+from proxy.cache import CacheScope, CacheUse, EmbeddingCache, upstream_fingerprint
 from proxy.context import RequestContext
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
@@ -120,6 +122,7 @@ class EmbeddingService:
         metrics: Metrics,
         *,
         tracing: Tracing | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -155,6 +158,10 @@ class EmbeddingService:
         # just before are sent to the version that routing picks now.
         self.retired = False
         self._closed = False
+        # The cache, shared by every version's service; this version's scope in it once the
+        # upstream said what it serves.
+        self.cache = cache
+        self.cache_scope: CacheScope | None = None
 
     @property
     def label(self) -> str:
@@ -169,6 +176,9 @@ class EmbeddingService:
         if self.model is None:
             self.model = self.served_model_name
         model, version = self.model, self.version
+        self.cache_scope = CacheScope(
+            model, version, upstream_fingerprint(self.upstream.kind, info)
+        )
         c = self.config
         s = self.settings
         batch_size = min(c.max_batch_size, info.max_client_batch_size)
@@ -250,6 +260,8 @@ class EmbeddingService:
     async def drain(self) -> None:
         """Refuse new work, dispatch everything queued and wait for calls in flight."""
         self._draining = True
+        if self.cache is not None:
+            await self.cache.wait_lookups()  # items being looked up in Redis go on queueing
         if self._batcher is not None:
             await self._batcher.drain()
 
@@ -323,7 +335,9 @@ class EmbeddingService:
         """
         self.rules.validate(inputs, options)
         inputs = self.rules.fit(inputs, options)  # cut or refuse long id lists
-        results = await self._run(inputs, options, ctx.deadline, fail_fast=True, trace=trace)
+        results = await self._run(
+            inputs, options, ctx.deadline, fail_fast=True, trace=trace, cache=ctx.cache
+        )
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def embed_each(
@@ -350,7 +364,9 @@ class EmbeddingService:
                 slots.append(None)
                 valid.append(item)
         results = iter(
-            await self._run(valid, options, ctx.deadline, fail_fast=False, trace=trace)
+            await self._run(
+                valid, options, ctx.deadline, fail_fast=False, trace=trace, cache=ctx.cache
+            )
             if valid
             else []
         )
@@ -372,30 +388,34 @@ class EmbeddingService:
         *,
         fail_fast: bool,
         trace: RequestSpan | None = None,
+        cache: CacheUse | None = None,
     ) -> list[Vector | BaseException]:
         batcher = self.batcher
         if self._draining or batcher.closing:
             if self.retired:
                 raise RetiredError(503, f"version {self.label} left routing", "Unhealthy")
             raise errors.unavailable("proxy is shutting down")
-        limit = batcher.config.max_queue_size
-        if limit is not None and batcher.queue_depth + len(inputs) > limit:
-            # All or nothing: never queue half a request that cannot be finished.
-            self._rejected.inc()
-            raise errors.overloaded()
-        self._items_counter.inc(len(inputs))
         futures: list[asyncio.Future[Vector]] = []
         queued_at = time.monotonic() if trace is not None else 0.0
+        submit = functools.partial(self._submit, options=options, trace=trace, queued_at=queued_at)
         try:
-            for item in inputs:
-                futures.append(
-                    batcher.submit_nowait(
-                        Item(item, options, deadline, trace, queued_at),
-                        key=options,
-                        cost=input_cost(item),
-                        deadline=deadline,
-                    )
+            if self.cache is None or self.cache_scope is None:
+                self._reserve(len(inputs))
+                futures = [submit(item, deadline) for item in inputs]
+            else:
+                # The one place the cache meets the batcher: hits and merges never queue.
+                futures = self.cache.submit(
+                    self.cache_scope,
+                    options,
+                    self.rules.effective_truncate(options),
+                    inputs,
+                    deadline=deadline,
+                    use=cache if cache is not None else CacheUse(),
+                    upstream=submit,
+                    reserve=self._reserve,
+                    dimension=self.rules.dimension,
                 )
+            self._items_counter.inc(len(inputs))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise errors.timeout("request timed out before it could be queued")
@@ -418,10 +438,36 @@ class EmbeddingService:
             raise self._as_api_error(exc) from exc
         finally:
             # A failed or abandoned request leaves no work behind: queued siblings are
-            # dropped before dispatch.
+            # dropped before dispatch (with the cache: once no other request waits for them).
             for fut in futures:
                 if not fut.done():
                     fut.cancel()
+
+    def _reserve(self, n: int) -> None:
+        """Refuse at once, before anything is queued, a request whose ``n`` new items could
+        not all be queued: never queue half a request that cannot be finished."""
+        limit = self.batcher.config.max_queue_size
+        if limit is not None and self.batcher.queue_depth + n > limit:
+            self._rejected.inc()
+            raise errors.overloaded()
+
+    def _submit(
+        self,
+        item: EmbedInput,
+        deadline: float,
+        *,
+        options: EmbedOptions,
+        trace: RequestSpan | None,
+        queued_at: float,
+    ) -> asyncio.Future[Vector]:
+        # With the cache, ``trace`` is the span of the request that started the item: the
+        # requests that merged onto it wait for the same call.
+        return self.batcher.submit_nowait(
+            Item(item, options, deadline, trace, queued_at),
+            key=options,
+            cost=input_cost(item),
+            deadline=deadline,
+        )
 
     @staticmethod
     async def _gather_item_faults(
@@ -499,6 +545,16 @@ class EmbeddingService:
 
     # -- /info --------------------------------------------------------------------------
 
+    def _describe_cache(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {"enabled": False}
+        body = self.cache.describe()
+        if self.cache_scope is not None:
+            body["model"] = self.cache_scope.model
+            body["version"] = self.cache_scope.version
+            body["upstream"] = self.cache_scope.upstream
+        return body
+
     def describe(self) -> dict[str, Any]:
         """TEI's /info body with the proxy's own effective limits, plus a ``proxy`` object."""
         info = self.info
@@ -532,6 +588,7 @@ class EmbeddingService:
             "upstream": upstream_limits,
             "upstream_replicas": self.resilient.replica_count,
             "upstream_replicas_ejected": self.resilient.ejected_count,
+            "cache": self._describe_cache(),
         }
         return body
 

@@ -114,9 +114,11 @@ async def test_failing_replica_is_ejected_and_returns_when_healthy(
     bad.healthy = True
     served_before = len(bad.calls)
     deadline = time.monotonic() + 5
+    rounds = 0
     while len(bad.calls) == served_before:
         assert time.monotonic() < deadline, "the recovered replica never got traffic again"
-        texts = [f"after recovery {i}" for i in range(4)]
+        rounds += 1  # new texts each round: a repeat would be answered from the cache
+        texts = [f"after recovery {rounds}.{i}" for i in range(4)]
         responses = await asyncio.gather(
             *(client.post("/embed", json={"inputs": t}) for t in texts)
         )

@@ -89,7 +89,7 @@ IDS = list(range(1, 2001))  # 2000 ids; the double's max_input_length is 512
 async def test_long_token_ids_are_cut_to_max_input_length_when_truncating(
     start_proxy: ProxyFactory, tei_double: TeiDouble
 ) -> None:
-    client = await start_proxy()
+    client = await start_proxy(cache_size_mb=0)  # every request must reach the upstream
     resp = await client.post("/embed", json={"inputs": IDS})  # auto_truncate: on
     assert resp.status == 200
     assert tei_double.calls[-1].inputs == [IDS[:512]]
@@ -183,7 +183,8 @@ async def test_the_embedded_model_gets_long_token_ids_cut(
         return await real_embed(self, inputs, options)
 
     monkeypatch.setattr(EmbeddedUpstream, "embed", spy)
-    client = await start_proxy(upstream_url=None, embedded_cache_dir=tmp_path)
+    # Cache off: the cut list sent on its own below must reach the model too.
+    client = await start_proxy(upstream_url=None, embedded_cache_dir=tmp_path, cache_size_mb=0)
     limit = (await (await client.get("/info")).json())["max_input_length"]
     ids = [2023] * 200_000  # "this", 200k times
     resp = await client.post("/embed", json={"inputs": ids})

@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from proxy.cache import CacheUse
 from proxy.errors import ApiError
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -72,3 +74,26 @@ def escape_for_log(text: str) -> str:
     client-chosen string (a path) cannot start a new log line or fake a field."""
     text = _UNSAFE_IN_LOG.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
     return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def cache_use(headers: CIMultiDictProxy[str]) -> CacheUse:
+    """A request's ``Cache-Control``: ``no-cache`` skips the lookups (the vector is still
+    stored), ``no-store`` skips both; other directives are ignored."""
+    directives = {
+        part.split("=", 1)[0].strip().lower()
+        for value in headers.getall("Cache-Control", ())
+        for part in value.split(",")
+    }
+    if "no-store" in directives:
+        return CacheUse(read=False, write=False)
+    if "no-cache" in directives:
+        return CacheUse(read=False, write=True)
+    return CacheUse()
+
+
+def add_cache_headers(response: web.StreamResponse, use: CacheUse) -> None:
+    """X-Cache-Hits and X-Cache-Misses (item counts) on a successful answer that a cache
+    took part in."""
+    if use.counted and response.status < 300:
+        response.headers["X-Cache-Hits"] = str(use.hits)
+        response.headers["X-Cache-Misses"] = str(use.misses)

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from proxy.cache import EmbeddingCache
 from proxy.jobs.base import JobStore
 from proxy.metrics import Metrics
 from proxy.observe import Observer
@@ -18,4 +19,5 @@ REGISTRY = web.AppKey("registry", Registry)
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)  # set to ask the server to stop
 DRAINING = web.AppKey("draining", asyncio.Event)  # set once stopping: refuse new work
 JOBS: web.AppKey[JobStore] = web.AppKey("jobs")
+CACHE = web.AppKey("cache", EmbeddingCache)  # absent when CACHE_SIZE_MB is 0
 OBSERVER = web.AppKey("observer", Observer)  # hooks, tracing, per-model metrics
