@@ -91,6 +91,7 @@ class _Flight:
         "store",
         "submit",
         "upstream",
+        "uses",
         "waiters",
     )
 
@@ -116,6 +117,7 @@ class _Flight:
         self.store = False
         self.deadline = 0.0  # the latest waiter's
         self.waiters: list[asyncio.Future[Vector]] = []
+        self.uses: list[CacheUse] = []  # each waiter's request, for its hit count
         self.live = 0  # waiters still waiting
         self.upstream: asyncio.Future[Vector] | None = None
         self.finished = False
@@ -277,7 +279,7 @@ class EmbeddingCache:
             if isinstance(entry, bytes):
                 fut.set_result(view(entry))
             else:
-                self._join(entry, fut, deadline, use.write)
+                self._join(entry, fut, deadline, use)
             futures.append(fut)
         lookups: list[_Flight] = []
         for flight in new.values():
@@ -318,12 +320,13 @@ class EmbeddingCache:
     # -- flights ------------------------------------------------------------------------
 
     def _join(
-        self, flight: _Flight, fut: asyncio.Future[Vector], deadline: float, write: bool
+        self, flight: _Flight, fut: asyncio.Future[Vector], deadline: float, use: CacheUse
     ) -> None:
         flight.waiters.append(fut)
+        flight.uses.append(use)
         flight.live += 1
         flight.deadline = max(flight.deadline, deadline)
-        flight.store = flight.store or write
+        flight.store = flight.store or use.write
         fut.add_done_callback(functools.partial(self._waiter_gone, flight))
 
     def _waiter_gone(self, flight: _Flight, _fut: asyncio.Future[Vector]) -> None:
@@ -383,9 +386,12 @@ class EmbeddingCache:
             if from_upstream and self.l2 is not None:
                 self.l2.put(flight.digest, value)
         vector = view(value)
-        for waiter in flight.waiters:
+        for waiter, use in zip(flight.waiters, flight.uses, strict=True):
             if not waiter.done():
                 waiter.set_result(vector)
+                if not from_upstream:  # found in Redis: a hit for whoever waited on it
+                    use.hits += 1
+                    use.misses -= 1
 
     def _fail(self, flight: _Flight, exc: BaseException) -> None:
         # Never stored: the next identical item is tried afresh.
