@@ -146,7 +146,28 @@ def _errors(
 
 
 _STRING = {"type": "string"}
+# The embedding cache: what a request may ask of it, and what the answer tells.
+CACHE_CONTROL = {
+    "name": "Cache-Control",
+    "in": "header",
+    "required": False,
+    "description": "`no-cache`: do not answer from the cache (the vectors computed are still "
+    "stored); `no-store`: neither read nor store. Other directives are ignored.",
+    "schema": _STRING,
+}
+_CACHE_HEADERS = {
+    "X-Cache-Hits": {
+        "schema": _STRING,
+        "description": "Inputs answered from the cache (memory or Redis); absent when the "
+        "cache is off",
+    },
+    "X-Cache-Misses": {
+        "schema": _STRING,
+        "description": "Inputs the cache did not hold; absent when the cache is off",
+    },
+}
 _SERVED_AS = {"X-Model": {"schema": _STRING, "description": "`name@version` that answered"}}
+_EMBEDDED = {**_SERVED_AS, **_CACHE_HEADERS}  # what an embedding answer's headers say
 # How a request names its model: a header on TEI's routes, the path under /models/{name}.
 X_MODEL = {
     "name": "X-Model",
@@ -176,7 +197,7 @@ def _embed_operation(summary: str, settings: Settings) -> dict[str, Any]:
     header = {"schema": _STRING}
     return {
         "summary": summary,
-        "parameters": [X_MODEL, X_USER],
+        "parameters": [X_MODEL, X_USER, CACHE_CONTROL],
         "requestBody": _body(models.EmbedRequest),
         "responses": {
             "200": {
@@ -185,7 +206,7 @@ def _embed_operation(summary: str, settings: Settings) -> dict[str, Any]:
                     "x-compute-time": {**header, "description": "Milliseconds"},
                     "x-total-time": {**header, "description": "Milliseconds"},
                     "x-compute-characters": {**header, "description": "Characters embedded"},
-                    **_SERVED_AS,
+                    **_EMBEDDED,
                 },
                 "content": _json(_ref(models.EmbedResponse)),
             },
@@ -239,12 +260,12 @@ def _openai_operation(summary: str, settings: Settings) -> dict[str, Any]:
     }
     return {
         "summary": summary,
-        "parameters": [X_USER],
+        "parameters": [X_USER, CACHE_CONTROL],
         "requestBody": _body(models.EmbeddingRequest),
         "responses": {
             "200": {
                 "description": "Embeddings",
-                "headers": _SERVED_AS,
+                "headers": _EMBEDDED,
                 "content": _json(_ref(models.EmbeddingResponse)),
             },
             **responses,
@@ -275,12 +296,13 @@ def _predict_paths(settings: Settings) -> dict[str, Any]:
                         "answer 202 at once. Anything else: answer the embedding.",
                         "schema": {"type": "string"},
                     },
+                    CACHE_CONTROL,
                 ],
                 "requestBody": _body(models.PredictRequest),
                 "responses": {
                     "200": {
                         "description": "The embedding",
-                        "headers": _SERVED_AS,
+                        "headers": _EMBEDDED,
                         "content": _json(_ref(models.PredictResponse)),
                     },
                     "202": {
@@ -384,7 +406,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "/batch": {
             "post": {
                 "summary": "Embed `[{id, data}]`; each result tied to its id, in input order",
-                "parameters": [X_MODEL, X_USER],
+                "parameters": [X_MODEL, X_USER, CACHE_CONTROL],
                 "requestBody": _body(models.BatchRequest),
                 "responses": {
                     "200": {
@@ -395,7 +417,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                                 "schema": _STRING,
                                 "description": "`name@version` that answered; with several "
                                 "models, each, comma-separated",
-                            }
+                            },
+                            **_CACHE_HEADERS,
                         },
                         "content": _json(_ref(models.BatchResponse)),
                     },
