@@ -162,12 +162,17 @@ def test_breaker_opens_after_threshold_and_half_opens_after_cooldown() -> None:
     assert not breaker.failure() and not breaker.failure()
     assert breaker.state == "closed"
     assert breaker.failure() and breaker.is_open
+    assert not breaker.try_call()
     now[0] = 5.0
     assert breaker.state == "half-open" and not breaker.is_open
-    assert breaker.failure()  # one more failure in half-open reopens at once
-    assert breaker.is_open
+    assert breaker.try_call()  # one call goes...
+    assert not breaker.try_call()  # ...and only one, until its outcome is known
+    assert breaker.failure()  # a failure in half-open reopens at once
+    assert breaker.is_open and not breaker.try_call()
     now[0] = 10.0
+    assert breaker.try_call()
     assert breaker.success() and breaker.state == "closed"
+    assert breaker.try_call() and breaker.try_call()
 
 
 def test_the_url_is_shown_without_its_password() -> None:

@@ -47,8 +47,9 @@ class L2Observer(Protocol):
 
 
 class Breaker:
-    """Opens after ``threshold`` failures in a row; stays open ``cooldown_s``, then lets
-    calls through again (half-open) until one succeeds (closed) or fails (open again)."""
+    """Opens after ``threshold`` failures in a row; stays open ``cooldown_s``; then
+    (half-open) lets one call through at a time, whose success closes it and whose failure
+    opens it again."""
 
     def __init__(
         self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
@@ -58,6 +59,18 @@ class Breaker:
         self._clock = clock
         self._failures = 0
         self._open_until: float | None = None
+        self._probing = False  # half-open: the one call let through is under way
+
+    def try_call(self) -> bool:
+        """Whether a call may be made now; in half-open, True for one caller at a time
+        (until its outcome is recorded)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self._probing:
+            return False
+        self._probing = True
+        return True
 
     @property
     def is_open(self) -> bool:
@@ -75,11 +88,13 @@ class Breaker:
         was_open = self._open_until is not None
         self._failures = 0
         self._open_until = None
+        self._probing = False
         return was_open
 
     def failure(self) -> bool:
         """Record a failure; True if it (re)opened the breaker."""
         self._failures += 1
+        self._probing = False
         if self._failures >= self.threshold:
             opening = self._open_until is None or self._clock() >= self._open_until
             self._open_until = self._clock() + self.cooldown_s
@@ -179,10 +194,8 @@ class RedisL2:
         reads, self._reads = self._reads, []
         if not reads:
             return
-        if not self.available:
-            for read in reads:
-                if not read.future.done():
-                    read.future.set_result([None] * len(read.keys))
+        if self._closed or not self.breaker.try_call():
+            self._answer(reads, {})  # misses: Redis is not asked for now
             return
         self._spawn(self._read(reads))
 
@@ -199,7 +212,7 @@ class RedisL2:
             values = [v for reply in replies for v in reply]
             found = {d: v for d, v in zip(unique, values, strict=True) if v is not None}
             self._record("get", started, None)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # fail open: whatever went wrong, these are misses
             self._record("get", started, exc)
         except asyncio.CancelledError:
             self._answer(reads, found)
@@ -230,12 +243,12 @@ class RedisL2:
     async def _write_loop(self) -> None:
         # One pipeline at a time: writes that arrive meanwhile go in the next one.
         try:
-            while self._writes and not self.breaker.is_open:
+            while self._writes and self.breaker.try_call():
                 batch = list(self._writes.items())[:CHUNK]
                 for digest, _ in batch:
                     del self._writes[digest]
                 await self._write(batch)
-            if self._writes:  # the breaker opened: Redis is not asked for a while
+            if self._writes:  # Redis is not asked for now (breaker open, or probing)
                 dropped = len(self._writes)
                 self._writes.clear()
                 if self._observer is not None:
@@ -252,7 +265,7 @@ class RedisL2:
                         pipe.set(self.redis_key(digest), value, px=self.ttl_ms)
                     await pipe.execute()
             self._record("set", started, None)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # fail open: the vectors are simply not shared
             self._record("set", started, exc)
             if self._observer is not None:
                 self._observer.redis_dropped_writes(len(batch))
@@ -268,6 +281,8 @@ class RedisL2:
             reason = ""
         else:
             reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            if not isinstance(exc, RedisError | OSError | TimeoutError):
+                log.error("cache: unexpected error from Redis on %s", op, exc_info=exc)
             if self.breaker.failure():
                 log.warning(
                     "cache: Redis failed %d calls in a row (last: %s on %s); not asking it "
