@@ -49,7 +49,7 @@ async def test_status_json_counts_requests_per_model_in_a_window(
     (model,) = first["models"]
     assert model["model"] == "test-double/tei" and model["version"] == "1"
     assert model["requests_per_s"] is None  # one snapshot: no rate yet
-    assert model["cache_hit_ratio"] is None  # not built yet
+    assert model["cache_hit_ratio"] is None  # no window yet
     assert model["ab_split"] == {"1": 1.0}  # the one version has all the traffic
     for i in range(5):
         assert (await client.post("/embed", json={"inputs": [f"a{i}", f"b{i}"]})).status == 200
@@ -67,6 +67,26 @@ async def test_status_json_counts_requests_per_model_in_a_window(
     # status.json itself is not a model request.
     third = await (await client.get("/status.json")).json()
     assert third["models"][0]["requests_per_s"] < model["requests_per_s"]
+
+
+async def test_status_json_shows_the_cache_hit_ratio_over_its_window(
+    start_proxy: ProxyFactory,
+) -> None:
+    client = await start_proxy()
+    await client.get("/status.json")
+    for i in range(4):
+        await client.post("/embed", json={"inputs": [f"new {i}", f"other {i}"]})
+    (model,) = (await (await client.get("/status.json")).json())["models"]
+    assert model["cache_hit_ratio"] == 0.0
+    for i in range(4):  # the same texts again: 8 hits of 16 items in the window
+        await client.post("/embed", json={"inputs": [f"new {i}", f"other {i}"]})
+    (model,) = (await (await client.get("/status.json")).json())["models"]
+    assert model["cache_hit_ratio"] == 0.5
+    off = await start_proxy(cache_size_mb=0)
+    await off.get("/status.json")
+    await off.post("/embed", json={"inputs": "x"})
+    (model,) = (await (await off.get("/status.json")).json())["models"]
+    assert model["cache_hit_ratio"] is None
 
 
 async def test_status_page_is_public_but_its_data_needs_the_key(

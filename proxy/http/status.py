@@ -3,8 +3,8 @@
 The page (HTML, one script, one stylesheet, all from ``static/status/``; no CDN) polls
 ``status.json`` every second and shows, per model and version: requests/s, p50 and p99
 latency, queue depth, the batch-size distribution, the concurrency limit, the circuit
-breaker, the cache hit ratio and the A/B split (the last two are null until those features
-exist).
+breaker, the cache hit ratio (null with the cache off, or before any item in the window) and
+the A/B split.
 
 Traffic figures come from the Prometheus metrics (so with WORKERS > 1 they count every
 worker) over a sliding window: each status.json call takes a snapshot, and rates and latency
@@ -86,6 +86,8 @@ _BATCH = "proxy_batch_size"
 _QUEUE = "proxy_queue_depth"
 _IN_FLIGHT = "proxy_upstream_in_flight"
 _LIMIT = "proxy_concurrency_limit"
+_CACHE_HITS = "proxy_cache_hits_total"  # by model, version and level (memory, redis)
+_CACHE_MISSES = "proxy_cache_misses_total"  # level memory: every item looked up
 
 Buckets = list[tuple[float, float]]  # (upper bound, cumulative count), ascending
 
@@ -100,6 +102,8 @@ class _Snapshot:
     batches: dict[tuple[str, str], Buckets] = field(default_factory=dict)
     batch_items: dict[tuple[str, str], float] = field(default_factory=dict)  # over all batches
     gauges: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    cache_hits: dict[tuple[str, str], float] = field(default_factory=dict)  # memory or Redis
+    cache_items: dict[tuple[str, str], float] = field(default_factory=dict)  # looked up
 
 
 def _bucket(store: dict[Any, dict[float, float]], key: Any, le: str, value: float) -> None:
@@ -128,6 +132,12 @@ def snapshot(families: Iterable[Metric], at: float) -> _Snapshot:
             elif sample.name in (_QUEUE, _IN_FLIGHT, _LIMIT):
                 key3 = (sample.name, labels["model"], labels["version"])
                 snap.gauges[key3] = sample.value
+            elif sample.name in (_CACHE_HITS, _CACHE_MISSES):
+                key = (labels["model"], labels["version"])
+                if sample.name == _CACHE_HITS:
+                    snap.cache_hits[key] = snap.cache_hits.get(key, 0.0) + sample.value
+                if labels["level"] == "memory":
+                    snap.cache_items[key] = snap.cache_items.get(key, 0.0) + sample.value
     snap.latency = {k: sorted(v.items()) for k, v in latency.items()}
     snap.batches = {k: sorted(v.items()) for k, v in batches.items()}
     return snap
@@ -227,6 +237,7 @@ class StatusBoard:
         span: float | None,
     ) -> dict[str, Any]:
         rate = errors = p50 = p99 = None
+        hit_ratio = state.cache_hit_ratio
         batches: Buckets = now.batches.get(key, [])
         items = now.batch_items.get(key, 0.0)
         if base is not None and span:
@@ -236,6 +247,10 @@ class StatusBoard:
             p50, p99 = quantile(0.5, latency), quantile(0.99, latency)
             batches = _delta(batches, base.batches.get(key))
             items -= base.batch_items.get(key, 0.0)
+            looked_up = now.cache_items.get(key, 0.0) - base.cache_items.get(key, 0.0)
+            if looked_up > 0:
+                hits = now.cache_hits.get(key, 0.0) - base.cache_hits.get(key, 0.0)
+                hit_ratio = round(hits / looked_up, 4)
         gauges = now.gauges
         total_batches = batches[-1][1] if batches else 0.0
         return {
@@ -260,7 +275,7 @@ class StatusBoard:
                 "adaptive": state.adaptive_limit,
             },
             "breaker": state.breaker,
-            "cache_hit_ratio": state.cache_hit_ratio,
+            "cache_hit_ratio": hit_ratio,
             "ab_split": state.ab_split,
         }
 
