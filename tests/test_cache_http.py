@@ -9,9 +9,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.http.keys import CACHE, SERVICE
+from proxy.http.keys import CACHE, REGISTRY
 from tests.conftest import ProxyFactory
+from tests.models import metric as sample
 from tests.tei_double import TeiDouble, expected_vector
+
+MODEL = {"model": "test-double/tei", "version": "1"}  # the one model, as the registry names it
 
 
 def approx(text: str, **kwargs: Any) -> Any:
@@ -22,12 +25,8 @@ def items_sent(double: TeiDouble) -> list[Any]:
     return [item for call in double.calls for item in call.inputs]
 
 
-async def metric(client: Any, prefix: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    values = [
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
-    ]
-    return sum(values)
+async def metric(client: Any, name: str, **labels: str) -> float:
+    return sample(await (await client.get("/metrics")).text(), name, **labels)
 
 
 async def test_200_concurrent_requests_for_one_text_make_one_upstream_item(
@@ -42,10 +41,8 @@ async def test_200_concurrent_requests_for_one_text_make_one_upstream_item(
     assert all(r.status == 200 for r in responses)
     assert len(set(bodies)) == 1
     assert items_sent(tei_double) == ["one popular text"]
-    merged = await metric(
-        client, 'proxy_cache_dedup_merges_total{model="default",scope="in_flight"}'
-    )
-    hits = await metric(client, 'proxy_cache_hits_total{level="memory",model="default"}')
+    merged = await metric(client, "proxy_cache_dedup_merges_total", **MODEL, scope="in_flight")
+    hits = await metric(client, "proxy_cache_hits_total", **MODEL, level="memory")
     assert merged + hits == 199
 
 
@@ -233,15 +230,14 @@ async def test_info_and_metrics_show_the_cache(start_proxy: ProxyFactory) -> Non
     assert info["enabled"] is True
     assert info["max_bytes"] == 64 * 1024 * 1024
     assert info["entries"] == 2 and 0 < info["bytes"] < 4096
-    assert info["model"] == "test-double/tei"
-    assert info["version"] == "kind=tei;sha=-;dtype=float32;pooling=mean"
+    assert (info["model"], info["version"]) == ("test-double/tei", "1")
+    assert info["upstream"] == "id=test-double/tei;kind=tei;sha=-;dtype=float32;pooling=mean"
     assert info["redis"] is None and info["in_flight"] == 0
-    assert await metric(client, "proxy_cache_entries ") == 2
-    assert await metric(client, "proxy_cache_bytes ") == info["bytes"]
-    assert await metric(client, 'proxy_cache_hits_total{level="memory"') == 1
-    assert await metric(client, 'proxy_cache_misses_total{level="memory"') == 3
-    merged = 'proxy_cache_dedup_merges_total{model="default",scope="request"}'
-    assert await metric(client, merged) == 1
+    assert await metric(client, "proxy_cache_entries") == 2
+    assert await metric(client, "proxy_cache_bytes") == info["bytes"]
+    assert await metric(client, "proxy_cache_hits_total", **MODEL, level="memory") == 1
+    assert await metric(client, "proxy_cache_misses_total", **MODEL, level="memory") == 3
+    assert await metric(client, "proxy_cache_dedup_merges_total", **MODEL, scope="request") == 1
 
 
 async def test_evicting_the_version_empties_its_entries(start_proxy: ProxyFactory) -> None:
@@ -251,7 +247,7 @@ async def test_evicting_the_version_empties_its_entries(start_proxy: ProxyFactor
     info = (await (await client.get("/info")).json())["proxy"]["cache"]
     assert app[CACHE].evict_version(info["model"], info["version"]) == 2
     assert app[CACHE].lru.entries == 0
-    assert app[SERVICE].cache is app[CACHE]
+    assert app[REGISTRY].service().cache is app[CACHE]
 
 
 async def test_cache_size_0_switches_cache_and_dedup_off(

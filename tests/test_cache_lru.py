@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.cache.identity import CacheScope, KeyMaker, upstream_scope
+from proxy.cache.identity import CacheScope, KeyMaker, upstream_fingerprint
 from proxy.cache.lru import ENTRY_OVERHEAD, VectorLRU
 from proxy.upstream.base import EmbedOptions, UpstreamInfo
 
@@ -243,16 +243,21 @@ def test_two_keys_are_equal_exactly_when_their_identities_are(
     assert (k(a) == k(b)) == same
 
 
-def test_upstream_scope_names_the_model_and_what_changes_its_numbers() -> None:
+def test_the_upstream_fingerprint_names_the_model_and_what_changes_its_numbers() -> None:
     raw = {
         "model_id": "org/model",
         "model_sha": "abc123",
         "model_dtype": "float16",
         "model_type": {"embedding": {"pooling": "cls"}},
     }
-    scope = upstream_scope("tei", UpstreamInfo.from_tei(raw))
-    assert scope.model == "org/model"
-    assert scope.version == "kind=tei;sha=abc123;dtype=float16;pooling=cls"
-    other_sha = upstream_scope("tei", UpstreamInfo.from_tei({**raw, "model_sha": "def456"}))
-    embedded = upstream_scope("embedded", UpstreamInfo.from_tei(raw))
-    assert len({scope, other_sha, embedded}) == 3
+    fingerprint = upstream_fingerprint("tei", UpstreamInfo.from_tei(raw))
+    assert fingerprint == "id=org/model;kind=tei;sha=abc123;dtype=float16;pooling=cls"
+    other_sha = upstream_fingerprint("tei", UpstreamInfo.from_tei({**raw, "model_sha": "d"}))
+    embedded = upstream_fingerprint("embedded", UpstreamInfo.from_tei(raw))
+    assert len({fingerprint, other_sha, embedded}) == 3
+
+
+def test_a_version_name_reused_for_other_weights_never_shares_a_key() -> None:
+    old = CacheScope("model", "1", "id=org/a;kind=tei;sha=-;dtype=float32;pooling=mean")
+    new = CacheScope("model", "1", "id=org/b;kind=tei;sha=-;dtype=float32;pooling=mean")
+    assert key("text", old) != key("text", new)

@@ -15,9 +15,10 @@ from aiohttp.test_utils import TestServer
 
 from proxy.cache.identity import KeyMaker
 from proxy.cache.l2 import Breaker, RedisL2, redact
-from proxy.http.keys import CACHE, SERVICE
+from proxy.http.keys import CACHE, REGISTRY
 from proxy.upstream.base import EmbedOptions
 from tests.conftest import ProxyFactory
+from tests.models import metric
 from tests.redis_server import RedisServer
 from tests.tei_double import TeiDouble, TeiDoubleConfig, expected_vector
 
@@ -210,10 +211,8 @@ async def embed(client: Any, texts: list[str]) -> tuple[int, int, int, float]:
 
 
 async def redis_hits(client: Any) -> float:
-    text = await (await client.get("/metrics")).text()
-    prefix = 'proxy_cache_hits_total{level="redis"'
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    return metric(
+        await (await client.get("/metrics")).text(), "proxy_cache_hits_total", level="redis"
     )
 
 
@@ -264,7 +263,8 @@ async def test_a_value_that_is_not_a_vector_of_this_model_is_a_miss(
     await embed(client, ["probe"])  # learns the dimension (16)
     l2 = client.server.app[CACHE].l2
     assert l2 is not None
-    scope = client.server.app[SERVICE]._cache_scope
+    scope = client.server.app[REGISTRY].service().cache_scope
+    assert scope is not None
     digest = KeyMaker(scope, EmbedOptions(), True).key("poisoned")
     raw = aioredis.Redis.from_url(redis_url)
     await raw.set(l2.redis_key(digest), b"\x00" * 12)  # 3 floats, not 16
