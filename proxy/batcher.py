@@ -188,19 +188,22 @@ class Batcher(Generic[T, R]):
         key: Hashable = None,
         cost: float = 1.0,
         deadline: float | None = None,
+        future: asyncio.Future[R] | None = None,
     ) -> asyncio.Future[R]:
         """Queue ``item``; return the future of its result. Never blocks.
 
         Raises :class:`QueueFullError` past ``max_queue_size`` and :class:`BatcherClosedError`
         once draining has begun. ``deadline`` is on this batcher's clock (``time.monotonic``).
+        ``future``: a pending future of this loop to complete instead of a new one (e.g. a
+        subclass that acts the moment it is completed, rather than a loop turn later).
         """
         if self._closing:
             raise BatcherClosedError("batcher is closed" if self._closed else "batcher is draining")
         limit = self.config.max_queue_size
         if limit is not None and self._queued >= limit:
             raise QueueFullError(f"queue holds {self._queued} items")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
         entry = _Entry(item, future, cost, self._clock(), deadline)
         queue = self._queues.get(key)
         if queue is None:

@@ -401,7 +401,7 @@ class EmbeddingService:
         try:
             if self.cache is None or self.cache_scope is None:
                 self._reserve(len(inputs))
-                futures = [submit(item, deadline) for item in inputs]
+                futures = [submit(item, deadline, None) for item in inputs]
             else:
                 # The one place the cache meets the batcher: hits and merges never queue.
                 futures = self.cache.submit(
@@ -455,6 +455,7 @@ class EmbeddingService:
         self,
         item: EmbedInput,
         deadline: float,
+        future: asyncio.Future[Vector] | None,
         *,
         options: EmbedOptions,
         trace: RequestSpan | None,
@@ -467,6 +468,7 @@ class EmbeddingService:
             key=options,
             cost=input_cost(item),
             deadline=deadline,
+            future=future,
         )
 
     @staticmethod

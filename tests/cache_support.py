@@ -100,9 +100,11 @@ def batcher_for(
 
 
 def submitter(batcher: Batcher[Job, Vector]) -> Submit:
-    def submit(item: EmbedInput, deadline: float) -> asyncio.Future[Vector]:
+    def submit(
+        item: EmbedInput, deadline: float, future: asyncio.Future[Vector] | None
+    ) -> asyncio.Future[Vector]:
         assert isinstance(item, str)
-        return batcher.submit_nowait(Job(item, deadline), deadline=deadline)
+        return batcher.submit_nowait(Job(item, deadline), deadline=deadline, future=future)
 
     return submit
 

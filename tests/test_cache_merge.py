@@ -10,7 +10,9 @@ input. The deterministic tests below them pin the rules one by one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -421,7 +423,7 @@ async def test_a_later_waiter_keeps_an_item_whose_first_waiters_deadline_passed(
 async def test_a_refused_submission_fails_only_that_flight() -> None:
     cache = EmbeddingCache(1 << 20)
 
-    def refuse(item: object, deadline: float) -> asyncio.Future[Vector]:
+    def refuse(item: object, deadline: float, future: object) -> asyncio.Future[Vector]:
         raise RuntimeError("queue full")
 
     futures = cache.submit(
@@ -471,3 +473,25 @@ def test_vectors_are_float32_of_the_upstreams_values() -> None:
     stored = f32("t")
     assert stored.dtype == np.float32
     assert np.allclose(stored, vector_of("t"), rtol=1e-7)
+
+
+async def test_a_finished_flight_is_freed_at_once_not_left_to_the_garbage_collector() -> None:
+    """A flight and its futures point at each other; once it ended they must not stay a
+    cycle, or every miss's vector (as the upstream sent it: a list of floats) would wait
+    for the garbage collector, and memory would grow far past the cache's bound."""
+    cache = EmbeddingCache(1 << 20)
+    upstream = FakeUpstream()
+    batcher = batcher_for(upstream)
+    gc.disable()
+    try:
+        futures = submit(cache, batcher, ["freed"])
+        waiter = weakref.ref(futures[0])
+        computed = weakref.ref(futures[0]._flight.upstream)  # type: ignore[attr-defined]
+        await futures[0]
+        del futures
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert waiter() is None and computed() is None
+    finally:
+        gc.enable()
+        await batcher.aclose()
