@@ -520,3 +520,31 @@ async def test_drain_returns_once_aclose_begins_even_if_a_batch_is_slow_to_stop(
     assert batches == [["0", "1"]]
     assert all(isinstance(f.exception(), BatcherClosedError) for f in futs)
     assert_empty(batcher)
+
+
+async def test_a_callers_own_future_is_the_one_completed_and_can_act_at_once() -> None:
+    """``submit_nowait(future=...)``: the batcher completes the caller's future (a subclass
+    that acts the moment it is set, as the cache's is), and a cancelled one still leaves the
+    queue."""
+    completed: list[str] = []
+
+    class Eager(asyncio.Future[str]):
+        def set_result(self, result: str) -> None:
+            super().set_result(result)
+            completed.append(result)  # the batcher called the override itself
+
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[str, str] = Batcher(rec, BatcherConfig(max_concurrent_batches=1))
+    loop = asyncio.get_running_loop()
+    mine = Eager(loop=loop)
+    assert batcher.submit_nowait("a", future=mine) is mine
+    await asyncio.sleep(0)
+    queued = Eager(loop=loop)
+    batcher.submit_nowait("b", future=queued)
+    queued.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queue_depth == 0
+    rec.gate.set()
+    assert await mine == "result:a" and completed == ["result:a"]
+    await batcher.aclose()
