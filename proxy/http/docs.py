@@ -85,7 +85,11 @@ async def docs_asset(request: web.Request) -> web.StreamResponse:
     entry = ASSETS.get(request.match_info["name"])
     if entry is None:
         raise web.HTTPNotFound()
-    relative, content_type = entry
+    return static_file(*entry)
+
+
+def static_file(relative: str, content_type: str) -> web.FileResponse:
+    """One of the package's static files (the docs' and the status page's)."""
     # FileResponse answers conditional requests (ETag, Last-Modified) and HEAD; no-cache
     # makes browsers revalidate, so an upgraded bundle is never served stale.
     return web.FileResponse(

@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
 from proxy.http.common import json_response
-from proxy.http.docs import SECURITY_HEADERS, STATIC_DIR
+from proxy.http.docs import SECURITY_HEADERS, static_file
 from proxy.http.keys import METRICS, REGISTRY, SETTINGS
 from proxy.metrics import Metrics
 from proxy.service import EmbeddingService
@@ -343,15 +343,7 @@ async def status_asset(request: web.Request) -> web.StreamResponse:
     entry = STATUS_ASSETS.get(request.match_info["name"])
     if entry is None:
         raise web.HTTPNotFound()
-    relative, content_type = entry
-    return web.FileResponse(
-        STATIC_DIR / relative,
-        headers={
-            "Content-Type": content_type,
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-cache",
-        },
-    )
+    return static_file(*entry)
 
 
 def page_response(api_key_set: bool) -> web.Response:
