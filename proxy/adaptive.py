@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from proxy.batcher import LAUNCH
 from proxy.concurrency import (
     ArrivalRate,
     CongestionKind,
@@ -101,13 +102,21 @@ class AdaptiveConcurrency:
 
     def started(self) -> tuple[int, int]:
         """An attempt goes out: the calls in flight (counting its own batch) and the items
-        the limit, not the batch size, holds back."""
+        the limit, not the batch size, held back (:meth:`GradientLimiter.held_back`). The
+        first attempt of a batch reports what dispatch saw when it sent the batch; a retry
+        or a bisection half, what the batcher holds now."""
+        launch = LAUNCH.get()
+        if launch is not None and not launch.reported:
+            launch.reported = True
+            held = self.limiter.held_back(
+                launch.queue_left, launch.pass_in_flight, launch.pass_full_wait_s
+            )
+            return launch.in_flight, held
         pool = self._pool
         if pool is None:
             return 1, 0
         in_flight = pool.in_flight
-        queued = pool.queue_depth if in_flight >= self.limiter.limit else 0
-        return in_flight, queued
+        return in_flight, self.limiter.held_back(pool.queue_depth, in_flight)
 
     def served(self, latency_s: float, size: int, at_start: tuple[int, int]) -> None:
         in_flight, queued = at_start

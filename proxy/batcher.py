@@ -39,6 +39,7 @@ when ``aclose()`` begins returns at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -99,6 +100,29 @@ class DispatchControl(Protocol):
     ) -> float | None:
         """Seconds to hold a batch of ``queued`` items that could go now, or None: send it."""
         ...
+
+
+@dataclass(slots=True)
+class LaunchInfo:
+    """What the batcher knew when it sent a batch (with a :class:`DispatchControl` only):
+    readable as ``LAUNCH.get()`` from inside that batch's ``process`` call, e.g. by whatever
+    reports the call's load."""
+
+    in_flight: int  # calls in flight when it left, counting itself
+    queue_left: int  # items still queued once it left
+    full: bool  # cut at the size or cost cap
+    oldest_wait_s: float  # how long its oldest item waited
+    # Of the dispatch pass that sent it (its batches leave together: a slot that the same
+    # pass fills next was never free): calls in flight once it ended, and the longest wait
+    # of the oldest item of a full batch it sent (0 if none was full).
+    pass_in_flight: int = 0
+    pass_full_wait_s: float = 0.0
+    reported: bool = False  # for the reader: set once the first attempt used it
+
+
+LAUNCH: contextvars.ContextVar[LaunchInfo | None] = contextvars.ContextVar(
+    "batch_launch", default=None
+)
 
 
 class BatchObserver(Protocol):
@@ -382,18 +406,28 @@ class Batcher(Generic[T, R]):
     def _launch_ready(self, now: float) -> float | None:
         """Launch every batch that may go now; return when the next one may (None: when a
         call ends or an item arrives)."""
-        while self._in_flight < self.limit:  # re-read: the control may move it any time
-            ready, key, ready_at = self._next_ready_key(now)
-            if not ready:
-                return ready_at
-            batch = self._take_batch(self._queues[key], now)
-            if batch:
-                try:
-                    self._launch(batch, now)
-                except Exception as exc:
-                    self._fail(batch, exc)  # taken off the queue: answer, never strand
-                    raise
-        return None
+        launched: list[LaunchInfo] = []
+        try:
+            while self._in_flight < self.limit:  # re-read: the control may move it any time
+                ready, key, ready_at = self._next_ready_key(now)
+                if not ready:
+                    return ready_at
+                batch, full = self._take_batch(self._queues[key], now)
+                if batch:
+                    try:
+                        info = self._launch(batch, now, full)
+                    except Exception as exc:
+                        self._fail(batch, exc)  # taken off the queue: answer, never strand
+                        raise
+                    if info is not None:
+                        launched.append(info)
+            return None
+        finally:
+            # Batches sent in one pass leave together (their tasks start after it).
+            full_wait = max((i.oldest_wait_s for i in launched if i.full), default=0.0)
+            for info in launched:
+                info.pass_in_flight = self._in_flight
+                info.pass_full_wait_s = full_wait
 
     def _next_ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
         """The key whose batch may go now (oldest head first), or when the next one may.
@@ -454,10 +488,12 @@ class Batcher(Generic[T, R]):
                 return True
         return False
 
-    def _take_batch(self, queue: _KeyQueue[T, R], now: float) -> list[_Entry[T, R]]:
+    def _take_batch(self, queue: _KeyQueue[T, R], now: float) -> tuple[list[_Entry[T, R]], bool]:
+        """The next batch of ``queue``, and whether it was cut at the size or cost cap."""
         cfg = self.config
         batch: list[_Entry[T, R]] = []
         cost = 0.0
+        full = False
         entries = queue.entries
         try:
             while entries and len(batch) < cfg.max_batch_size:
@@ -466,6 +502,7 @@ class Batcher(Generic[T, R]):
                     entries.popleft()
                     continue
                 if batch and cost + entry.cost > cfg.max_batch_cost:
+                    full = True
                     break
                 entries.popleft()
                 self._unqueue(entry, queue)
@@ -481,10 +518,23 @@ class Batcher(Generic[T, R]):
         except Exception as exc:
             self._fail(batch, exc)  # already off the queue: answer, never strand
             raise
-        return batch
+        return batch, full or len(batch) >= cfg.max_batch_size
 
-    def _launch(self, batch: list[_Entry[T, R]], now: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+    def _launch(
+        self, batch: list[_Entry[T, R]], now: float, full: bool = False
+    ) -> LaunchInfo | None:
+        loop = asyncio.get_running_loop()
+        info = None
+        if self._control is None:
+            task = loop.create_task(self._run(batch))
+        else:
+            # The task copies the context: its process call can read what dispatch knew.
+            info = LaunchInfo(self._in_flight + 1, self._queued, full, now - batch[0].enqueued_at)
+            token = LAUNCH.set(info)
+            try:
+                task = loop.create_task(self._run(batch))
+            finally:
+                LAUNCH.reset(token)
         self._in_flight += 1
         self._tasks.add(task)
         # A done-callback rather than a ``finally`` in _run: it also runs for a task that is
@@ -496,6 +546,7 @@ class Batcher(Generic[T, R]):
                 self._observer.batch_dispatched(len(batch), cost, now - batch[0].enqueued_at)
             except Exception:  # a broken metric must never strand callers
                 log.exception("batch observer failed")
+        return info
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:

@@ -55,7 +55,9 @@ throughput. Never past ``max_wait`` from the oldest item's arrival.
 
 * one :meth:`GradientLimiter.on_sample` per *successful upstream attempt*, with that
   attempt's own latency (not the batch's time in the proxy, not retry back-off sleeps), the
-  calls in flight when it started (counting itself) and the items left queued behind it;
+  calls in flight when it started (counting itself) and the items the limit held back when it
+  was sent (:meth:`GradientLimiter.held_back`: those left queued behind it, or, for a full
+  batch that emptied the queue after waiting half a round trip, one);
 * one :meth:`GradientLimiter.on_congestion` per failed attempt that says "overloaded" (429,
   503, a timeout), *including every attempt that is then retried*: a retry that succeeds must
   not hide that the upstream refused the first try. The cooldown keeps a burst of such
@@ -344,6 +346,9 @@ class GradientConfig:
     capacity_margin: float = 0.02  # a level carries the load if its capacity beats it by this
     throughput_memory_s: float = 5.0  # forget capacity measured longer ago than this
     measure_rtts: float = 10.0  # how long a backlogged level is held for its measurement
+    # A full batch that empties the queue still says "backlog" if its oldest item waited
+    # this many round trips (see held_back).
+    full_wait_rtts: float = 0.5
     # -- congestion signals
     backoff: float = 0.75  # within the brief's 0.5-0.9 (AIMD's 0.9 is for limits ~100)
     congestion_cooldown_s: float | None = None  # None: one smoothed call latency
@@ -538,6 +543,27 @@ class GradientLimiter:
 
     # -- feeding ------------------------------------------------------------------------
 
+    def held_back(self, queue_left: int, in_flight: int, full_wait_s: float = 0.0) -> int:
+        """What to report as ``queued`` for a call being sent: items the limit, not the batch
+        size, held back. ``queue_left``: items still queued once it left; ``in_flight``:
+        calls in flight once the calls sent with it left; ``full_wait_s``: among the batches
+        sent with it (itself included) that were cut at their size cap, how long the oldest
+        item waited (0 if none was full).
+
+        Items left behind while every slot is busy are held back. So are, as one, those of a
+        send that emptied the queue with a full batch whose oldest item waited half a round
+        trip: closed-loop clients resend only once answered, so a backlog of about the calls
+        answered together (64 clients, 2 batches of 32, one slot) leaves little or nothing
+        behind at each send, yet half of the clients wait for a slot every round trip."""
+        if in_flight < self.limit:
+            return 0
+        if queue_left > 0:
+            return queue_left
+        rtt = self._rtt
+        if rtt is not None and full_wait_s > 0 and full_wait_s >= self.config.full_wait_rtts * rtt:
+            return 1
+        return 0
+
     def on_sample(
         self,
         latency_s: float,
@@ -692,7 +718,9 @@ class GradientLimiter:
         the gradient's probes (``probe_hold_rtts``, doubling)."""
         if self._explore_streak == 0 or self._rtt is None:
             return True
-        hold = self.config.probe_hold_rtts * 2.0 ** (self._explore_streak - 1) * self._rtt
+        # Probes and explorations try the same levels: either kind's failures hold both.
+        streak = max(self._explore_streak - 1, self._probe_streak)
+        hold = self.config.probe_hold_rtts * 2.0**streak * self._rtt
         return now - self._explore_failed_at >= hold
 
     def _explore_ended(self, now: float, measured: bool) -> None:
@@ -718,7 +746,8 @@ class GradientLimiter:
         """Whether going up to ``level`` may be tried: not soon after it (or lower) failed."""
         if self._failed_probe_at is None or self._rtt is None or level < self._failed_level:
             return True
-        hold = self.config.probe_hold_rtts * 2.0**self._probe_streak * self._rtt
+        streak = max(self._probe_streak, self._explore_streak)
+        hold = self.config.probe_hold_rtts * 2.0**streak * self._rtt
         return now - self._failed_probe_at >= hold
 
     # -- capacity while backlogged ------------------------------------------------------

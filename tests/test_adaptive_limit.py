@@ -101,11 +101,11 @@ async def test_a_number_is_the_ceiling_and_never_above_what_the_upstream_admits(
 async def test_the_learned_limit_never_passes_the_ceiling(
     start_proxy: ProxyFactory, tei_double: TeiDouble
 ) -> None:
-    """Calls served side by side with a fixed cost each (100 ms: slow enough that the upstream,
+    """Calls served side by side with a fixed cost each (300 ms: slow enough that the upstream,
     not this process's CPU, is what the load waits for): more calls in flight carry more, so
     under a backlog the limit climbs, and must stop at the ceiling (96 permits / 32 = 3)."""
     tei_double.config.max_concurrent_requests = 96
-    tei_double.config.delay_base_s = 0.1
+    tei_double.config.delay_base_s = 0.3
     client = await start_proxy()
     service = service_of(client)
     reached_at: float | None = None

@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 
 from proxy.batcher import (
+    LAUNCH,
     Batcher,
     BatcherClosedError,
     BatcherConfig,
     BatchResultMismatchError,
     DeadlineExceededError,
     DispatchPolicy,
+    LaunchInfo,
     QueueFullError,
 )
 
@@ -325,6 +327,30 @@ async def test_a_hold_never_passes_max_wait_nor_delays_a_full_batch() -> None:
     assert rec.batches[-1] == ["f0", "f1", "f2"]
 
 
+async def test_a_batch_can_read_what_dispatch_knew_when_it_left() -> None:
+    seen: list[LaunchInfo | None] = []
+
+    async def process(items: list[str]) -> list[str]:
+        seen.append(LAUNCH.get())
+        await asyncio.sleep(0.05)
+        return items
+
+    control = Control(limit=1)
+    cfg = BatcherConfig(max_batch_size=2, max_concurrent_batches=4)
+    batcher: Batcher[str, str] = Batcher(process, cfg, control=control)
+    futs = [batcher.submit_nowait(f"{i}") for i in range(5)]
+    await asyncio.gather(*futs)
+    assert seen[0] is not None and seen[1] is not None
+    assert (seen[0].in_flight, seen[0].queue_left, seen[0].full) == (1, 3, True)
+    assert seen[0].pass_in_flight == 1
+    assert seen[0].oldest_wait_s < 0.04
+    assert (seen[1].in_flight, seen[1].queue_left, seen[1].full) == (1, 1, True)
+    assert seen[1].oldest_wait_s >= 0.045  # waited for the first call to end
+    last = seen[2]
+    assert last is not None and (last.queue_left, last.full) == (0, False)
+    assert LAUNCH.get() is None  # set only inside the batch's task
+
+
 async def test_timer_policy_never_asks_the_control_to_hold() -> None:
     rec = Recorder()
     control = Control(limit=1, hold=None)
@@ -492,12 +518,12 @@ async def test_a_failure_while_launching_answers_that_batch_and_dispatch_goes_on
     launch = batcher._launch
     calls = 0
 
-    def launch_once_broken(batch: Any, now: float) -> None:
+    def launch_once_broken(batch: Any, now: float, full: bool = False) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("launch failed")
-        launch(batch, now)
+        return launch(batch, now, full)
 
     monkeypatch.setattr(batcher, "_launch", launch_once_broken)
     with loop_errors() as errors, caplog.at_level(logging.ERROR, logger="proxy.batcher"):

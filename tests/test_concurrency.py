@@ -222,6 +222,23 @@ def test_queued_answers_never_raise_the_baseline() -> None:
     assert limiter.state().baseline_s == pytest.approx(0.020, rel=0.02)
 
 
+def test_held_back_sees_a_closed_loop_backlog_that_leaves_nothing_queued() -> None:
+    """64 closed-loop clients and one slot: each call takes the 32 items that waited a whole
+    round trip for it and leaves nothing behind (the other 32 callers are waiting for their
+    answers), yet half of the clients wait for a slot all the time."""
+    limiter = GradientLimiter(GradientConfig(initial_limit=1, ceiling=1))
+    assert limiter.held_back(0, 1, full_wait_s=0.01) == 0  # no round trip known yet
+    limiter.on_sample(0.010, 32, 1, now=0.0)  # round trips of 10 ms
+    assert limiter.held_back(32, 1) == 32  # left behind
+    assert limiter.held_back(0, 1, full_wait_s=0.009) == 1  # a full batch that waited
+    assert limiter.held_back(0, 1, full_wait_s=0.002) == 0  # barely waited
+    assert limiter.held_back(0, 1) == 0  # took everything, none full
+    two = GradientLimiter(GradientConfig(initial_limit=2, ceiling=2))
+    two.on_sample(0.010, 32, 2, now=0.0)
+    assert two.held_back(5, 1, full_wait_s=0.009) == 0  # a slot is still free
+    assert two.held_back(5, 2) == 5
+
+
 def test_state_for_info_and_metrics() -> None:
     limiter = GradientLimiter(GradientConfig(initial_limit=2, ceiling=16))
     empty = limiter.state().as_dict()
