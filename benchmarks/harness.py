@@ -207,6 +207,10 @@ def describe_proxy(server: procs.Server) -> str:
         "max_wait_time_ms",
     )
     shown = ", ".join(f"{k} {s[k]}" for k in keys if k in s)
+    limit = s.get("concurrency")
+    if isinstance(limit, dict):  # the adaptive limit on calls in flight, at start
+        adaptive = "adaptive" if limit.get("adaptive") else "fixed"
+        shown += f", concurrency limit {adaptive} (ceiling {limit.get('ceiling')})"
     return f"defaults, no flags; as /info reports them: {shown}"
 
 

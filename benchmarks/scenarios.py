@@ -174,7 +174,7 @@ async def embedded(ctx: Context) -> dict[str, Any]:
         "rows": rows,
         "targets": targets,
         "setup": {
-            "proxy": "defaults (max-batch-size 32, adaptive, max-concurrent-batches 2)",
+            "proxy": "defaults (max-batch-size 32, adaptive, max-concurrent-batches auto)",
             "ceiling": f"EmbeddedUpstream.embed in a loop, batches {p.ceiling_batches}",
             "clients": "64, closed loop",
         },
@@ -347,7 +347,7 @@ async def naive(ctx: Context) -> dict[str, Any]:
         "setup": {
             "upstream": f"naive: one call at a time, a={COST_A_MS:g} ms + b={COST_B_MS:g} ms "
             "per item; max_client_batch_size 256",
-            "proxy": "defaults (max-batch-size 32, max-concurrent-batches 2, adaptive)",
+            "proxy": "defaults (max-batch-size 32, max-concurrent-batches auto, adaptive)",
         },
         "notes": [
             "Direct at high concurrency queues every request behind all others, one 20 ms "

@@ -9,18 +9,14 @@ Two dispatch policies:
 
 * ``timer``: a batch goes when it is full (by count or cost) or when its oldest item has
   waited ``max_wait``, and a slot is free.
-* ``adaptive``: whenever fewer than ``eager_slots`` calls are in flight (the upstream is
-  idle or nearly), whatever is queued goes at once, so a lone item never waits for a timer.
-  Items only accumulate while those slots are busy; when one frees, the next batch forms at
-  once. Past ``eager_slots`` and up to ``max_concurrent_batches``, the ``timer`` rule applies
-  (a full batch, or one whose oldest item waited ``max_wait``), so ``max_wait`` still caps
-  the wait while spare slots exist. An item never waits longer than it would under ``timer``.
-  ``eager_slots`` defaults to ``max_concurrent_batches``: every slot is eager.
-
-Why two kinds of slot: "idle" must mean the *upstream* has spare capacity. TEI runs one batch
-and holds one prefetched; a third call only queues inside it. Sending whatever is queued to
-every free slot would then make many tiny batches; letting extra slots carry only full (or
-aged) batches keeps batches large while still using the upstream's admission capacity.
+* ``adaptive``: whenever a slot is free, whatever is queued goes at once, so a lone item
+  never waits for a timer. Items only accumulate while every slot is busy; when one frees,
+  the next batch forms at once. With a :class:`DispatchControl`, the number of slots is the
+  control's ``limit`` (re-read at every dispatch, never above ``max_concurrent_batches``),
+  and before a batch that is neither full nor aged goes on a free slot the control may ask
+  to ``hold`` it a little, when it measured that waiting for more items costs less than
+  the upstream's fixed cost per call. ``max_wait`` caps every hold: an item never waits
+  longer than it would under ``timer``.
 
 In both, at most ``max_concurrent_batches`` calls run at once: it is a hard bound that protects
 the upstream. Items that arrive in the same event-loop turn are merged, because dispatch runs
@@ -43,6 +39,7 @@ when ``aclose()`` begins returns at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -84,6 +81,50 @@ class BatchResultMismatchError(Exception):
     """``process`` returned a different number of results than it was given items."""
 
 
+class DispatchControl(Protocol):
+    """An adaptive bound on calls in flight, and advice on holding a batch that could go
+    (``adaptive`` only; see :class:`proxy.adaptive.AdaptiveConcurrency`). Every method must be
+    cheap: dispatch calls them on every turn in which items arrive or a call ends."""
+
+    @property
+    def limit(self) -> int:
+        """Calls that may be in flight now (the batcher also keeps ``max_concurrent_batches``)."""
+        ...
+
+    def arrived(self, count: int, now: float) -> None:
+        """``count`` items were queued since the last dispatch (all at about ``now``)."""
+        ...
+
+    def hold(
+        self, queued: int, in_flight: int, max_batch: int, now: float, oldest_enqueued_at: float
+    ) -> float | None:
+        """Seconds to hold a batch of ``queued`` items that could go now, or None: send it."""
+        ...
+
+
+@dataclass(slots=True)
+class LaunchInfo:
+    """What the batcher knew when it sent a batch (with a :class:`DispatchControl` only):
+    readable as ``LAUNCH.get()`` from inside that batch's ``process`` call, e.g. by whatever
+    reports the call's load."""
+
+    in_flight: int  # calls in flight when it left, counting itself
+    queue_left: int  # items still queued once it left
+    full: bool  # cut at the size or cost cap
+    oldest_wait_s: float  # how long its oldest item waited
+    # Of the dispatch pass that sent it (its batches leave together: a slot that the same
+    # pass fills next was never free): calls in flight once it ended, and the longest wait
+    # of the oldest item of a full batch it sent (0 if none was full).
+    pass_in_flight: int = 0
+    pass_full_wait_s: float = 0.0
+    reported: bool = False  # for the reader: set once the first attempt used it
+
+
+LAUNCH: contextvars.ContextVar[LaunchInfo | None] = contextvars.ContextVar(
+    "batch_launch", default=None
+)
+
+
 class BatchObserver(Protocol):
     """Hooks for metrics; every method must be cheap and must not raise."""
 
@@ -109,7 +150,6 @@ class BatcherConfig:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
     max_concurrent_batches: int = 2
-    eager_slots: int | None = None  # adaptive only; None: max_concurrent_batches
     policy: DispatchPolicy = DispatchPolicy.ADAPTIVE
     max_batch_cost: float = math.inf
     max_queue_size: int | None = None
@@ -119,8 +159,6 @@ class BatcherConfig:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_concurrent_batches < 1:
             raise ValueError("max_concurrent_batches must be at least 1")
-        if self.eager_slots is not None and not 0 <= self.eager_slots:
-            raise ValueError("eager_slots must not be negative")
         if self.max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
         if self.max_batch_cost <= 0:
@@ -143,11 +181,14 @@ class Batcher(Generic[T, R]):
         config: BatcherConfig | None = None,
         *,
         observer: BatchObserver | None = None,
+        control: DispatchControl | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._process = process
         self.config = config or BatcherConfig()
         self._observer = observer
+        self._control = control
+        self._arrivals = 0  # items queued since the last dispatch, for the control
         self._clock = clock
         self._queues: dict[Hashable, _KeyQueue[T, R]] = {}
         self._queued = 0  # live entries waiting, for the queue bound and the depth gauge
@@ -170,6 +211,19 @@ class Batcher(Generic[T, R]):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def limit(self) -> int:
+        """Calls that may be in flight now: the control's limit, within the hard bound."""
+        bound = self.config.max_concurrent_batches
+        if self._control is None:
+            return bound
+        return max(1, min(bound, self._control.limit))
+
+    def wake(self) -> None:
+        """Look at the queue again soon (e.g. the control's limit rose). Needs a running loop."""
+        if not self._closed:
+            self._schedule_dispatch()
 
     @property
     def closing(self) -> bool:
@@ -212,6 +266,7 @@ class Batcher(Generic[T, R]):
         queue.cost += cost
         queue.count += 1
         self._queued += 1
+        self._arrivals += 1
         self._idle.clear()
         future.add_done_callback(functools.partial(self._on_caller_gone, entry, queue))
         self._schedule_dispatch()
@@ -333,6 +388,9 @@ class Batcher(Generic[T, R]):
         now = self._clock()
         next_wake: float | None = None
         try:
+            if self._arrivals and self._control is not None:
+                arrivals, self._arrivals = self._arrivals, 0
+                self._control.arrived(arrivals, now)
             if not self._closed:
                 next_wake = self._launch_ready(now)
         except Exception:
@@ -348,24 +406,35 @@ class Batcher(Generic[T, R]):
     def _launch_ready(self, now: float) -> float | None:
         """Launch every batch that may go now; return when the next one may (None: when a
         call ends or an item arrives)."""
-        while self._in_flight < self.config.max_concurrent_batches:
-            ready, key, ready_at = self._next_ready_key(now)
-            if not ready:
-                return ready_at
-            batch = self._take_batch(self._queues[key], now)
-            if batch:
-                try:
-                    self._launch(batch, now)
-                except Exception as exc:
-                    self._fail(batch, exc)  # taken off the queue: answer, never strand
-                    raise
-        return None
+        launched: list[LaunchInfo] = []
+        try:
+            while self._in_flight < self.limit:  # re-read: the control may move it any time
+                ready, key, ready_at = self._next_ready_key(now)
+                if not ready:
+                    return ready_at
+                batch, full = self._take_batch(self._queues[key], now)
+                if batch:
+                    try:
+                        info = self._launch(batch, now, full)
+                    except Exception as exc:
+                        self._fail(batch, exc)  # taken off the queue: answer, never strand
+                        raise
+                    if info is not None:
+                        launched.append(info)
+            return None
+        finally:
+            # Batches sent in one pass leave together (their tasks start after it).
+            full_wait = max((i.oldest_wait_s for i in launched if i.full), default=0.0)
+            for info in launched:
+                info.pass_in_flight = self._in_flight
+                info.pass_full_wait_s = full_wait
 
     def _next_ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
-        """The key whose batch may go now (oldest head first), or when the next one may."""
+        """The key whose batch may go now (oldest head first), or when the next one may.
+        Called only while a slot is free."""
         cfg = self.config
-        eager_limit = cfg.max_concurrent_batches if cfg.eager_slots is None else cfg.eager_slots
-        eager = cfg.policy is DispatchPolicy.ADAPTIVE and self._in_flight < eager_limit
+        adaptive = cfg.policy is DispatchPolicy.ADAPTIVE
+        control = self._control
         best_key: Hashable | None = None
         best_age = -math.inf
         earliest: float | None = None
@@ -375,12 +444,22 @@ class Batcher(Generic[T, R]):
             if head is None:
                 continue
             age = now - head.enqueued_at
-            ready = eager or self._closing or age >= cfg.max_wait_s or self._is_full(queue)
-            if ready:
+            if self._closing or age >= cfg.max_wait_s or self._is_full(queue):
+                at = None  # ready
+            elif not adaptive:
+                at = head.enqueued_at + cfg.max_wait_s
+            elif control is None:
+                at = None  # adaptive: a free slot takes whatever is queued
+            else:
+                hold = control.hold(
+                    queue.count, self._in_flight, cfg.max_batch_size, now, head.enqueued_at
+                )
+                # Never past max_wait from the oldest item, whatever the control says.
+                at = None if hold is None else min(now + hold, head.enqueued_at + cfg.max_wait_s)
+            if at is None:
                 if age > best_age:
                     best_key, best_age, found = key, age, True
             else:
-                at = head.enqueued_at + cfg.max_wait_s
                 earliest = at if earliest is None else min(earliest, at)
         if found:
             return True, best_key, None
@@ -409,10 +488,12 @@ class Batcher(Generic[T, R]):
                 return True
         return False
 
-    def _take_batch(self, queue: _KeyQueue[T, R], now: float) -> list[_Entry[T, R]]:
+    def _take_batch(self, queue: _KeyQueue[T, R], now: float) -> tuple[list[_Entry[T, R]], bool]:
+        """The next batch of ``queue``, and whether it was cut at the size or cost cap."""
         cfg = self.config
         batch: list[_Entry[T, R]] = []
         cost = 0.0
+        full = False
         entries = queue.entries
         try:
             while entries and len(batch) < cfg.max_batch_size:
@@ -421,6 +502,7 @@ class Batcher(Generic[T, R]):
                     entries.popleft()
                     continue
                 if batch and cost + entry.cost > cfg.max_batch_cost:
+                    full = True
                     break
                 entries.popleft()
                 self._unqueue(entry, queue)
@@ -436,10 +518,23 @@ class Batcher(Generic[T, R]):
         except Exception as exc:
             self._fail(batch, exc)  # already off the queue: answer, never strand
             raise
-        return batch
+        return batch, full or len(batch) >= cfg.max_batch_size
 
-    def _launch(self, batch: list[_Entry[T, R]], now: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+    def _launch(
+        self, batch: list[_Entry[T, R]], now: float, full: bool = False
+    ) -> LaunchInfo | None:
+        loop = asyncio.get_running_loop()
+        info = None
+        if self._control is None:
+            task = loop.create_task(self._run(batch))
+        else:
+            # The task copies the context: its process call can read what dispatch knew.
+            info = LaunchInfo(self._in_flight + 1, self._queued, full, now - batch[0].enqueued_at)
+            token = LAUNCH.set(info)
+            try:
+                task = loop.create_task(self._run(batch))
+            finally:
+                LAUNCH.reset(token)
         self._in_flight += 1
         self._tasks.add(task)
         # A done-callback rather than a ``finally`` in _run: it also runs for a task that is
@@ -451,6 +546,7 @@ class Batcher(Generic[T, R]):
                 self._observer.batch_dispatched(len(batch), cost, now - batch[0].enqueued_at)
             except Exception:  # a broken metric must never strand callers
                 log.exception("batch observer failed")
+        return info
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:

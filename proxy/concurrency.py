@@ -29,7 +29,10 @@ means different things:
   (Envoy's headroom), by ``smoothing`` per round trip. Unlike Gradient2/Envoy the headroom
   is not added while shrinking: with limits of 1 to 16 it is as large as the cut, and
   ``0.5*L + sqrt(L) = L`` has its fixed point at L = 4, so a serial upstream could never be
-  held at 1. A probe up that failed holds the next one for ``probe_hold_rtts`` round trips.
+  held at 1. A probe up that failed holds the next one for ``probe_hold_rtts`` round trips,
+  twice as long after each probe in a row that failed (up to ``2**max_probe_backoff``
+  times), so a serial upstream is not made to pay a doubled latency every few round trips
+  for a level it never serves better; a probe that holds for ``probe_hold_rtts`` resets it.
 * While items wait in the proxy because every slot is busy (a backlog lasting a round trip),
   latency is no verdict: a TEI-like upstream that merges queued calls into its own batches
   gets slower *because* its batches grow, which is what buys throughput, and at two calls
@@ -52,7 +55,9 @@ throughput. Never past ``max_wait`` from the oldest item's arrival.
 
 * one :meth:`GradientLimiter.on_sample` per *successful upstream attempt*, with that
   attempt's own latency (not the batch's time in the proxy, not retry back-off sleeps), the
-  calls in flight when it started (counting itself) and the items left queued behind it;
+  calls in flight when it started (counting itself) and the items the limit held back when it
+  was sent (:meth:`GradientLimiter.held_back`: those left queued behind it, or, for a full
+  batch that emptied the queue after waiting half a round trip, one);
 * one :meth:`GradientLimiter.on_congestion` per failed attempt that says "overloaded" (429,
   503, a timeout), *including every attempt that is then retried*: a retry that succeeds must
   not hide that the upstream refused the first try. The cooldown keeps a burst of such
@@ -333,11 +338,17 @@ class GradientConfig:
     # After a probe upward failed, wait this many round trips before the next one: each
     # probe of a level just found too high costs every call sent under it.
     probe_hold_rtts: float = 15.0
+    # Each probe in a row that failed doubles that hold, up to 2**max_probe_backoff times
+    # (16: 240 round trips, about 6 s on a 26 ms serial upstream).
+    max_probe_backoff: int = 4
     # -- capacity while backlogged
     throughput_gain: float = 0.05  # a level serves more only if it serves this much more
     capacity_margin: float = 0.02  # a level carries the load if its capacity beats it by this
     throughput_memory_s: float = 5.0  # forget capacity measured longer ago than this
     measure_rtts: float = 10.0  # how long a backlogged level is held for its measurement
+    # A full batch that empties the queue still says "backlog" if its oldest item waited
+    # this many round trips (see held_back).
+    full_wait_rtts: float = 0.5
     # -- congestion signals
     backoff: float = 0.75  # within the brief's 0.5-0.9 (AIMD's 0.9 is for limits ~100)
     congestion_cooldown_s: float | None = None  # None: one smoothed call latency
@@ -452,6 +463,16 @@ class GradientLimiter:
         self._rtt: float | None = None  # smoothed raw call latency: one round trip
         self._failed_probe_at: float | None = None
         self._failed_level = 0
+        self._probe_streak = 0  # probes up in a row that failed
+        self._probe_from: int | None = None  # the limit a probe up in progress started from
+        self._probe_at = -math.inf  # when the limit last went up
+        # Exploring an unmeasured level during a backlog: the level, and how many such
+        # explorations in a row ended before it could be measured (a serial upstream's
+        # second call drains the proxy's queue into the upstream's, so its level is never
+        # backlogged long enough to measure, and the gradient cuts it each time).
+        self._exploring: int | None = None
+        self._explore_streak = 0
+        self._explore_failed_at = -math.inf
         # capacity and demand while backlogged
         self._levels: dict[int, _Level] = {}
         self._window: _Window | None = None
@@ -475,6 +496,10 @@ class GradientLimiter:
     @property
     def ceiling(self) -> int:
         return self._ceiling
+
+    @property
+    def congestion_cuts(self) -> int:
+        return self._cuts
 
     @property
     def merges_calls(self) -> bool | None:
@@ -518,6 +543,27 @@ class GradientLimiter:
 
     # -- feeding ------------------------------------------------------------------------
 
+    def held_back(self, queue_left: int, in_flight: int, full_wait_s: float = 0.0) -> int:
+        """What to report as ``queued`` for a call being sent: items the limit, not the batch
+        size, held back. ``queue_left``: items still queued once it left; ``in_flight``:
+        calls in flight once the calls sent with it left; ``full_wait_s``: among the batches
+        sent with it (itself included) that were cut at their size cap, how long the oldest
+        item waited (0 if none was full).
+
+        Items left behind while every slot is busy are held back. So are, as one, those of a
+        send that emptied the queue with a full batch whose oldest item waited half a round
+        trip: closed-loop clients resend only once answered, so a backlog of about the calls
+        answered together (64 clients, 2 batches of 32, one slot) leaves little or nothing
+        behind at each send, yet half of the clients wait for a slot every round trip."""
+        if in_flight < self.limit:
+            return 0
+        if queue_left > 0:
+            return queue_left
+        rtt = self._rtt
+        if rtt is not None and full_wait_s > 0 and full_wait_s >= self.config.full_wait_rtts * rtt:
+            return 1
+        return 0
+
     def on_sample(
         self,
         latency_s: float,
@@ -544,6 +590,7 @@ class GradientLimiter:
         self._samples += 1
         self.cost_model.observe(latency_s, size, in_flight, now)
         self._rtt = latency_s if self._rtt is None else self._rtt + 0.2 * (latency_s - self._rtt)
+        self._probe_held(now, self._rtt)
         self._delivered.add(size, now)
         backlogged = self._track_backlog(latency_s, size, in_flight, queued, now)
         self._update_latency(latency_s, size, in_flight, now)
@@ -659,14 +706,49 @@ class GradientLimiter:
         return max(too_small, default=0) + 1
 
     def _fail_probe(self, now: float, level: int) -> None:
+        if self._probe_from is not None and level > self._probe_from:
+            # The probe up from _probe_from failed: the next one waits twice as long.
+            self._probe_streak = min(self._probe_streak + 1, self.config.max_probe_backoff)
+            self._probe_from = None
         self._failed_probe_at = now
         self._failed_level = level
+
+    def _explore_allowed(self, now: float) -> bool:
+        """The first exploration always; after ones that ended unmeasured, a back-off like
+        the gradient's probes (``probe_hold_rtts``, doubling)."""
+        if self._explore_streak == 0 or self._rtt is None:
+            return True
+        # Probes and explorations try the same levels: either kind's failures hold both.
+        streak = max(self._explore_streak - 1, self._probe_streak)
+        hold = self.config.probe_hold_rtts * 2.0**streak * self._rtt
+        return now - self._explore_failed_at >= hold
+
+    def _explore_ended(self, now: float, measured: bool) -> None:
+        self._exploring = None
+        if measured:
+            self._explore_streak = 0
+        else:
+            self._explore_streak = min(self._explore_streak + 1, self.config.max_probe_backoff)
+            self._explore_failed_at = now
+
+    def _probe_held(self, now: float, rtt: float) -> None:
+        """A probe up that lasted ``probe_hold_rtts`` without failing: the level above works,
+        so the next failed probe starts the back-off afresh."""
+        if (
+            self._probe_from is not None
+            and self.limit > self._probe_from
+            and now - self._probe_at >= self.config.probe_hold_rtts * rtt
+        ):
+            self._probe_streak = 0
+            self._probe_from = None
 
     def _probe_allowed(self, now: float, level: int) -> bool:
         """Whether going up to ``level`` may be tried: not soon after it (or lower) failed."""
         if self._failed_probe_at is None or self._rtt is None or level < self._failed_level:
             return True
-        return now - self._failed_probe_at >= self.config.probe_hold_rtts * self._rtt
+        streak = max(self._probe_streak, self._explore_streak)
+        hold = self.config.probe_hold_rtts * 2.0**streak * self._rtt
+        return now - self._failed_probe_at >= hold
 
     # -- capacity while backlogged ------------------------------------------------------
 
@@ -704,6 +786,8 @@ class GradientLimiter:
         capacity = window.items / span
         demand = capacity + (queued - window.queued) / span  # answered + queue growth
         found = self._levels.get(self.limit)
+        if self._exploring == self.limit:
+            self._explore_ended(now, measured=True)
         if found is None or now - found.at > self.config.throughput_memory_s:
             self._levels[self.limit] = _Level(capacity, now)
         else:
@@ -753,6 +837,11 @@ class GradientLimiter:
         if level <= top + 1 and level + 1 not in levels and level + 1 <= self._ceiling:
             # Explore up, even from one above the best: an upstream that batches queued calls
             # itself gains little from a 2nd call (it waits for the 1st), much from a 3rd.
+            # After explorations that ended unmeasured (the gradient cut them first), wait
+            # as a failed probe does: each one costs every call sent meanwhile.
+            if not self._explore_allowed(now):
+                return level + 0.5
+            self._exploring = level + 1
             return level + 1.5
         if level > top:
             self._fail_probe(now, level)
@@ -768,9 +857,18 @@ class GradientLimiter:
     def _set_estimate(self, value: float, now: float) -> None:
         before = self.limit
         self._estimate = self._clamp(value)
-        if self.limit != before:
+        after = self.limit
+        if after != before:
             self._limit_since = now
             self._window = None
+            if after > before:
+                if self._probe_from is None:
+                    self._probe_from = before
+                self._probe_at = now
+            elif self._probe_from is not None and after <= self._probe_from:
+                self._probe_from = None  # back where the probe started, with no verdict
+            if self._exploring is not None and after < self._exploring:
+                self._explore_ended(now, measured=False)
 
     def _clamp(self, value: float) -> float:
         return max(float(self.config.floor), min(float(self._ceiling), value))
@@ -817,7 +915,8 @@ class DispatchAdvisor:
     ``w* = a/2 - q*(1 + b*lam)/(2*lam)``: wait only while more items will arrive during one
     fixed cost than are already queued. Capped by the time to fill the batch and by
     ``max_wait`` counted from the oldest item's arrival, so no item waits longer than under
-    the batcher's timer policy.
+    the batcher's timer policy. A hold during which not even one item is expected to arrive
+    (``lam*w < 1``) is no hold: nobody would join.
 
     The trade exists only where a separate call costs the upstream its own fixed cost. If
     more calls in flight buy throughput (the upstream merges them into its own batches, or
@@ -866,4 +965,7 @@ class DispatchAdvisor:
             wait = model.a / 2 - queued * (1 + model.b * arrival_rate) / (2 * arrival_rate)
             wait = min(wait, fill)
         wait = min(wait, budget)
-        return wait if wait > 0 else None
+        # Hold only if at least one more item is expected meanwhile: with fewer, the likely
+        # outcome is a wait that nobody joins. It also keeps a lone closed-loop client (one
+        # request per round trip, and a rate estimate a little above that) from waiting.
+        return wait if wait > 0 and arrival_rate * wait >= 1.0 else None

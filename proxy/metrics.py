@@ -103,10 +103,52 @@ class Metrics:
         )
         self.concurrency_limit = Gauge(
             "proxy_concurrency_limit",
-            "Upstream calls the batcher may have in flight at once (summed over workers).",
+            "Upstream calls the batcher may have in flight at once (adaptive: learned; timer: "
+            "the ceiling; summed over workers).",
             MV,
             registry=r,
             multiprocess_mode="livesum",
+        )
+        # The adaptive concurrency limit (proxy/adaptive.py), one per model version; with
+        # DISPATCH=timer the limit is the fixed ceiling and the latency gauges stay unset.
+        self.concurrency_ceiling = Gauge(
+            "proxy_concurrency_ceiling",
+            "Hard ceiling on upstream calls in flight (MAX_CONCURRENT_BATCHES, or auto; summed "
+            "over workers).",
+            MV,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.concurrency_baseline = Gauge(
+            "proxy_concurrency_baseline_seconds",
+            "Adaptive limit: no-load latency of an upstream call, normalised to one item "
+            "(with several workers: the lowest).",
+            MV,
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.concurrency_recent = Gauge(
+            "proxy_concurrency_recent_seconds",
+            "Adaptive limit: recent latency of an upstream call, normalised to one item "
+            "(with several workers: the highest).",
+            MV,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.concurrency_gradient = Gauge(
+            "proxy_concurrency_gradient",
+            "Adaptive limit: tolerance * baseline / recent, clamped to [0.5, 1]; below 1 the "
+            "limit shrinks (with several workers: the lowest).",
+            MV,
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.concurrency_cuts = Counter(
+            "proxy_concurrency_congestion_cuts",
+            "Times the adaptive limit was cut because the upstream answered 429 or 503 or "
+            "timed out.",
+            MV,
+            registry=r,
         )
         self.batch_size = Histogram(
             "proxy_batch_size",
@@ -346,11 +388,26 @@ class Metrics:
         queue_depth: Callable[[], float],
         in_flight: Callable[[], float],
         concurrency_limit: Callable[[], float],
+        concurrency_ceiling: Callable[[], float] | None = None,
+        adaptive: dict[str, Callable[[], float]] | None = None,
     ) -> None:
+        """Feed the version's gauges from its batcher; ``adaptive``: readers of its limiter's
+        ``baseline``, ``recent`` and ``gradient`` (adaptive dispatch only)."""
         self._gauge_owners[(model, version)] = owner
         self.track(self.queue_depth.labels(model, version), queue_depth)
         self.track(self.in_flight_batches.labels(model, version), in_flight)
         self.track(self.concurrency_limit.labels(model, version), concurrency_limit)
+        if concurrency_ceiling is not None:
+            self.track(self.concurrency_ceiling.labels(model, version), concurrency_ceiling)
+        if adaptive is not None:
+            gauges = {
+                "baseline": self.concurrency_baseline,
+                "recent": self.concurrency_recent,
+                "gradient": self.concurrency_gradient,
+            }
+            for name, read in adaptive.items():
+                self.track(gauges[name].labels(model, version), read)
+            self.concurrency_cuts.labels(model, version)  # listed from the start, at 0
 
     def unbind_version(self, model: str, version: str, *, owner: object) -> None:
         """Drop the version's gauges (they read a closed batcher) unless a successor fed them
@@ -358,7 +415,9 @@ class Metrics:
         if self._gauge_owners.get((model, version)) is not owner:
             return
         del self._gauge_owners[(model, version)]
-        for gauge in (self.queue_depth, self.in_flight_batches, self.concurrency_limit):
+        for gauge in self._version_gauges():
+            if (model, version) not in _label_sets(gauge):
+                continue
             child = gauge.labels(model, version)
             self._tracked = [(g, r) for g, r in self._tracked if g is not child]
             if self.multiprocess_dir is not None:
@@ -366,5 +425,21 @@ class Metrics:
             else:
                 gauge.remove(model, version)
 
+    def _version_gauges(self) -> tuple[Gauge, ...]:
+        return (
+            self.queue_depth,
+            self.in_flight_batches,
+            self.concurrency_limit,
+            self.concurrency_ceiling,
+            self.concurrency_baseline,
+            self.concurrency_recent,
+            self.concurrency_gradient,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self._source())
+
+
+def _label_sets(gauge: Gauge) -> set[tuple[str, ...]]:
+    """The label values ``gauge`` has children for."""
+    return {tuple(labels) for labels in gauge._metrics}

@@ -84,8 +84,8 @@ class VersionConfig(BaseModel):
     max_wait_time: Annotated[float, Field(ge=0, le=60_000)] | None = Field(
         None, description="MAX_WAIT_TIME (ms)."
     )
-    max_concurrent_batches: Annotated[int, Field(ge=1, le=1024)] | None = Field(
-        None, description="MAX_CONCURRENT_BATCHES."
+    max_concurrent_batches: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] | None = Field(
+        None, description="MAX_CONCURRENT_BATCHES (a number or auto)."
     )
     max_queue_size: Annotated[int, Field(ge=1)] | None = Field(None, description="MAX_QUEUE_SIZE.")
 

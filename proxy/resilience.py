@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy import errors
+from proxy.concurrency import CongestionKind
 from proxy.errors import ApiError, ErrorType
 from proxy.upstream.base import EmbedInput, EmbedOptions, Replica, Upstream, Vector
 
@@ -66,6 +67,20 @@ def counts_against_upstream(exc: ApiError) -> bool:
     """Failures that say the upstream itself is unwell: never the caller's input, the
     proxy's own refusals, or load."""
     return classify(exc) in (Fault.TRANSIENT, Fault.FINAL)
+
+
+def congestion_kind(exc: ApiError) -> CongestionKind | None:
+    """Whether a failed attempt says "overloaded": the upstream's 429 or 503, or a timeout
+    (UPSTREAM_TIMEOUT, or a 504 the upstream answered). A 503 the proxy raised for a refused
+    or reset connection is an outage, not load (the breaker and ejection handle it), and the
+    inputs' 4xx say nothing of load. The caller's own deadline never reaches here."""
+    if exc.status == 429:
+        return CongestionKind.RATE_LIMITED
+    if exc.status == 503 and exc.from_upstream:
+        return CongestionKind.UNAVAILABLE
+    if exc.status == 504:
+        return CongestionKind.TIMEOUT
+    return None
 
 
 @dataclass(slots=True)
@@ -138,6 +153,20 @@ class CallObserver(Protocol):
     def breaker_opened(self) -> None: ...
 
 
+class LoadSignals(Protocol):
+    """Where every upstream attempt reports load (the adaptive concurrency limit,
+    :class:`proxy.adaptive.AdaptiveConcurrency`): once per attempt, retries included, so a
+    retry that succeeds never hides that the upstream refused the first try."""
+
+    def started(self) -> tuple[int, int]:
+        """An attempt goes out; what it returns is handed back to ``served``."""
+        ...
+
+    def served(self, latency_s: float, size: int, at_start: tuple[int, int]) -> None: ...
+
+    def overloaded(self, kind: CongestionKind) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ResilienceConfig:
     retries: int = 2
@@ -192,12 +221,14 @@ class ResilientUpstream:
         *,
         observer: CallObserver | None = None,
         check: Callable[[list[Vector], EmbedOptions], None] | None = None,
+        load: LoadSignals | None = None,
     ) -> None:
         self.upstream = upstream
         self.config = config
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s)
         self._retry = RetryPolicy(max_retries=config.retries)
         self._observer = observer
+        self.load = load
         self._check = check
         self._replicas = [_ReplicaState(r) for r in upstream.replicas]
         self._rotation = itertools.count()
@@ -258,6 +289,10 @@ class ResilientUpstream:
             except ApiError as exc:
                 fault = classify(exc)
                 self._record(state, exc, fault)
+                if self.load is not None:
+                    kind = congestion_kind(exc)
+                    if kind is not None:
+                        self.load.overloaded(kind)  # before any retry: each attempt counts
                 retry = fault is Fault.OVERLOADED or (
                     fault is Fault.TRANSIENT and transient_retries < policy.max_retries
                 )
@@ -286,6 +321,8 @@ class ResilientUpstream:
     async def _attempt(
         self, state: _ReplicaState, inputs: Sequence[EmbedInput], options: EmbedOptions
     ) -> list[Vector]:
+        load = self.load
+        at_start = load.started() if load is not None else (0, 0)
         state.in_flight += 1
         started = time.perf_counter()
         outcome = "200"
@@ -293,6 +330,9 @@ class ResilientUpstream:
             vectors = await state.replica.embed(inputs, options)
             if self._check is not None:
                 self._check(vectors, options)
+            if load is not None:
+                # This attempt's own latency: not the batch's queueing, not retry back-off.
+                load.served(time.perf_counter() - started, len(inputs), at_start)
             return vectors
         except ApiError as exc:
             outcome = str(exc.status)

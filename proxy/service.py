@@ -17,10 +17,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy import errors
+from proxy.adaptive import AdaptiveConcurrency
 from proxy.batcher import (
     Batcher,
     BatcherClosedError,
@@ -28,10 +29,12 @@ from proxy.batcher import (
     BatchObserver,
     BatchResultMismatchError,
     DeadlineExceededError,
+    DispatchPolicy,
     QueueFullError,
 )
 from proxy.bisector import Bisector, Item
 from proxy.cache import CacheScope, CacheUse, EmbeddingCache, upstream_fingerprint
+from proxy.concurrency import auto_ceiling
 from proxy.context import RequestContext
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
@@ -153,6 +156,9 @@ class EmbeddingService:
             check=self._check_dimension,
         )
         self._bisector = Bisector(self._call_upstream, self._count_split)
+        # One adaptive limit for the upstream pool (all replicas), made at start once /info
+        # gives its ceiling; None with DISPATCH=timer, whose bound is the ceiling as is.
+        self.concurrency: AdaptiveConcurrency | None = None
         self._draining = False
         # Taken out of routing by the registry (removed or replaced): callers that picked it
         # just before are sent to the version that routing picks now.
@@ -182,41 +188,42 @@ class EmbeddingService:
         c = self.config
         s = self.settings
         batch_size = min(c.max_batch_size, info.max_client_batch_size)
-        # Never hold more items in the upstream than it admits (TEI's permits are per item:
-        # past max_concurrent_requests it answers 429 for the whole call).
-        concurrency = min(
-            c.max_concurrent_batches, max(1, info.max_concurrent_requests // batch_size)
-        )
+        ceiling = self._ceiling(info, batch_size)
         self._upstream_metrics.bind(model, version)
         self._items_counter = self.metrics.request_items.labels(model, version)
         self._splits = self.metrics.batch_splits.labels(model, version)
         self._rejected = self.metrics.rejected.labels(model, version, "queue_full")
+        control = None
+        if s.dispatch_policy is DispatchPolicy.ADAPTIVE:
+            # This version's own limit: one per upstream pool (all its replicas).
+            cuts = self.metrics.concurrency_cuts.labels(model, version)
+            control = AdaptiveConcurrency(
+                self.label, ceiling=ceiling, max_wait_s=c.max_wait_s, on_cut=cuts.inc
+            )
         batcher: Batcher[Item, Vector] = Batcher(
             self._process,
             BatcherConfig(
                 max_batch_size=batch_size,
                 max_wait_s=c.max_wait_s,
-                max_concurrent_batches=concurrency,
-                eager_slots=min(s.eager_batches, concurrency),
+                max_concurrent_batches=ceiling,
                 policy=s.dispatch_policy,
                 max_batch_cost=s.max_batch_chars,
                 max_queue_size=c.max_queue_size,
             ),
             observer=_MetricsObserver(self.metrics, model, version),
+            control=control,
         )
+        if control is not None:
+            control.attach(batcher)
+            self.resilient.load = control
+        self.concurrency = control
         self._batcher = batcher
-        self.metrics.bind_version(
-            model,
-            version,
-            owner=self,
-            queue_depth=lambda: batcher.queue_depth,
-            in_flight=lambda: batcher.in_flight,
-            concurrency_limit=lambda: batcher.config.max_concurrent_batches,
-        )
+        self._export_concurrency(batcher, control)
         log.info(
             "model %s via %s upstream (%s): effective batch size %d = min(MAX_BATCH_SIZE=%d, "
             "upstream max_client_batch_size=%d); dispatch=%s, max_wait=%gms, "
-            "max_concurrent_batches=%d (upstream admits %d items), max_batch_chars=%d",
+            "calls in flight at most %d (MAX_CONCURRENT_BATCHES=%s; upstream admits %d items "
+            "on each of %d replicas)%s, max_batch_chars=%d",
             self.label,
             self.upstream.kind,
             info.model_id,
@@ -225,10 +232,56 @@ class EmbeddingService:
             info.max_client_batch_size,
             s.dispatch,
             c.max_wait_time,
-            concurrency,
+            ceiling,
+            c.max_concurrent_batches,
             info.max_concurrent_requests,
+            self.resilient.replica_count,
+            ", learned below that from the upstream's latency" if control else "",
             s.max_batch_chars,
         )
+
+    def _ceiling(self, info: UpstreamInfo, batch_size: int) -> int:
+        """The hard bound on calls in flight: never more items in the upstream than it admits
+        (TEI's permits are per item: past max_concurrent_requests it answers 429 for the whole
+        call), per replica; a number in the version's MAX_CONCURRENT_BATCHES can only lower
+        it."""
+        admitted = auto_ceiling(
+            info.max_concurrent_requests, batch_size, self.resilient.replica_count
+        )
+        setting = self.config.max_concurrent_batches
+        return admitted if setting == "auto" else max(1, min(setting, admitted))
+
+    def _export_concurrency(
+        self, batcher: Batcher[Item, Vector], control: AdaptiveConcurrency | None
+    ) -> None:
+        """The version's gauges: queue, calls in flight, its limit and ceiling, and (adaptive)
+        its limiter's latencies and gradient, labelled model and version."""
+        assert self.model is not None
+        adaptive: dict[str, Callable[[], float]] | None = None
+        if control is not None:
+            limiter = control.limiter
+            nan = float("nan")
+            adaptive = {
+                "baseline": lambda: nan if (v := limiter.state().baseline_s) is None else v,
+                "recent": lambda: nan if (v := limiter.state().recent_s) is None else v,
+                "gradient": lambda: limiter.state().gradient,
+            }
+        ceiling = batcher.config.max_concurrent_batches
+        self.metrics.bind_version(
+            self.model,
+            self.version,
+            owner=self,
+            queue_depth=lambda: batcher.queue_depth,
+            in_flight=lambda: batcher.in_flight,
+            concurrency_limit=lambda: batcher.limit,
+            concurrency_ceiling=lambda: ceiling,
+            adaptive=adaptive,
+        )
+
+    @property
+    def limiter(self) -> AdaptiveConcurrency | None:
+        """This version's adaptive limit (what /status reads); None with DISPATCH=timer."""
+        return self.concurrency
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -255,7 +308,7 @@ class EmbeddingService:
     @property
     def concurrency_limit(self) -> int | None:
         """Upstream calls this version may have in flight now."""
-        return self._batcher.config.max_concurrent_batches if self._batcher is not None else None
+        return self._batcher.limit if self._batcher is not None else None
 
     async def drain(self) -> None:
         """Refuse new work, dispatch everything queued and wait for calls in flight."""
@@ -580,8 +633,10 @@ class EmbeddingService:
             "max_batch_size": c.max_batch_size,
             "effective_batch_size": self.effective_batch_size if self.started else None,
             "max_concurrent_batches": c.max_concurrent_batches,
-            "effective_concurrent_batches": self.concurrency_limit,
-            "eager_batches": min(s.eager_batches, c.max_concurrent_batches),
+            "effective_concurrent_batches": (
+                self.batcher.config.max_concurrent_batches if self.started else None
+            ),
+            "concurrency": self._describe_concurrency(),
             "max_batch_chars": s.max_batch_chars,
             "max_client_batch_size": s.max_client_batch_size,
             "max_queue_size": c.max_queue_size,
@@ -593,6 +648,15 @@ class EmbeddingService:
             "cache": self._describe_cache(),
         }
         return body
+
+    def _describe_concurrency(self) -> dict[str, Any] | None:
+        """The limit on calls in flight: learned (adaptive) or the fixed ceiling (timer)."""
+        if not self.started:
+            return None
+        if self.concurrency is not None:
+            return {"adaptive": True, **self.concurrency.state().as_dict()}
+        ceiling = self.batcher.config.max_concurrent_batches
+        return {"adaptive": False, "limit": ceiling, "ceiling": ceiling}
 
 
 def _version() -> str:

@@ -27,6 +27,7 @@ PLACEHOLDER_SECRETS: tuple[str, ...] = (
     "CHANGE-ME-placeholder-admin-token",
 )
 _PLACEHOLDERS = frozenset(p.lower() for p in PLACEHOLDER_SECRETS)
+MAX_CONCURRENT_BATCHES_LIMIT = 1024
 # API_KEY and ADMIN_TOKEN: long enough that guessing is hopeless (openssl rand -hex 32 gives 64).
 MIN_SECRET_LENGTH = 16
 
@@ -57,7 +58,7 @@ class UpstreamSettings(BaseModel):
     request_timeout: float = 60.0
     max_batch_size: int = 32
     max_wait_time: float = 5.0
-    max_concurrent_batches: int = 2
+    max_concurrent_batches: int | Literal["auto"] = "auto"
     max_queue_size: int = 2048
 
     @property
@@ -182,8 +183,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         le=60_000,
-        description="Milliseconds a request may wait for others to join its batch (timer "
-        "policy; adaptive dispatches at once whenever a slot is free).",
+        description="Milliseconds a request may wait for others to join its batch: timer "
+        "waits this long; adaptive never holds an item longer, whatever it measured.",
     )
     max_batch_size: int = Field(
         32,
@@ -191,15 +192,12 @@ class Settings(BaseSettings):
         le=100_000,
         description="Items per upstream call; capped by the upstream's max_client_batch_size.",
     )
-    max_concurrent_batches: int = Field(
-        2, ge=1, le=1024, description="Upstream calls in flight at once."
-    )
-    eager_batches: int = Field(
-        2,
-        ge=1,
-        description="adaptive: upstream calls in flight below which whatever is queued goes at "
-        "once (TEI runs one batch and prefetches one: 2). Further calls, up to "
-        "MAX_CONCURRENT_BATCHES, carry only full batches or ones that waited MAX_WAIT_TIME.",
+    max_concurrent_batches: int | Literal["auto"] = Field(
+        "auto",
+        description="Hard ceiling on upstream calls in flight. auto: the upstream's "
+        "max_concurrent_requests (from /info) / the effective batch size, times the number of "
+        "replicas (16 for TEI's defaults). A number is capped the same way. adaptive dispatch "
+        "learns the limit below it; timer uses it as is.",
     )
     backlog: int = Field(
         2048,
@@ -209,8 +207,10 @@ class Settings(BaseSettings):
     )
     dispatch: Literal["adaptive", "timer"] = Field(
         "adaptive",
-        description="adaptive: send whatever is queued as soon as an upstream slot is free; "
-        "timer: send when a batch is full or its oldest item waited MAX_WAIT_TIME.",
+        description="adaptive: learn how many calls the upstream serves best and send what "
+        "is queued when one of those slots is free (holding a batch only where waiting costs "
+        "less than the upstream's fixed cost per call); timer: send when a batch is full or "
+        "its oldest item waited MAX_WAIT_TIME.",
     )
     max_batch_chars: int = Field(
         250_000,
@@ -498,6 +498,24 @@ class Settings(BaseSettings):
             if not module or not attr:
                 raise ValueError(f"{spec.strip()!r} is not of the form package.module:attr")
         return value
+
+    @field_validator("max_concurrent_batches", mode="before")
+    @classmethod
+    def _check_concurrency(cls, value: object) -> int | str:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            number = 0
+        if isinstance(value, bool) or not 1 <= number <= MAX_CONCURRENT_BATCHES_LIMIT:
+            raise PydanticCustomError(
+                "concurrency",
+                "must be auto or a whole number from 1 to {limit}",
+                {"limit": MAX_CONCURRENT_BATCHES_LIMIT},
+            )
+        return number
 
     @field_validator("job_store")
     @classmethod

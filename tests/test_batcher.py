@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 
 from proxy.batcher import (
+    LAUNCH,
     Batcher,
     BatcherClosedError,
     BatcherConfig,
     BatchResultMismatchError,
     DeadlineExceededError,
     DispatchPolicy,
+    LaunchInfo,
     QueueFullError,
 )
 
@@ -252,27 +254,112 @@ def test_invalid_config_is_refused() -> None:
         BatcherConfig(max_concurrent_batches=0)
 
 
-async def test_extra_slots_carry_only_full_or_aged_batches() -> None:
+class Control:
+    """A :class:`proxy.batcher.DispatchControl` whose limit and advice the test sets."""
+
+    def __init__(self, limit: int = 1, hold: float | None = None) -> None:
+        self.limit = limit
+        self.hold_s = hold
+        self.arrivals: list[int] = []
+        self.asked: list[tuple[int, int]] = []  # (queued, in_flight) of each hold question
+
+    def arrived(self, count: int, now: float) -> None:
+        self.arrivals.append(count)
+
+    def hold(
+        self, queued: int, in_flight: int, max_batch: int, now: float, oldest_enqueued_at: float
+    ) -> float | None:
+        self.asked.append((queued, in_flight))
+        return self.hold_s
+
+
+async def test_the_controls_limit_bounds_calls_and_is_read_at_every_dispatch() -> None:
     rec = Recorder()
     rec.gate = asyncio.Event()
-    cfg = BatcherConfig(max_batch_size=4, max_concurrent_batches=3, eager_slots=1, max_wait_s=0.3)
-    batcher: Batcher[str, str] = Batcher(rec, cfg)
-    first = asyncio.ensure_future(batcher.submit("first"))
-    await asyncio.sleep(0.01)
-    assert rec.batches == [["first"]]  # the eager slot: at once
-    small = [asyncio.ensure_future(batcher.submit(f"s{i}")) for i in range(2)]
-    await asyncio.sleep(0.05)
-    assert len(rec.batches) == 1  # not full and young: it waits although slots are free
-    full = [asyncio.ensure_future(batcher.submit(f"f{i}")) for i in range(2)]
-    await asyncio.sleep(0.05)
-    assert rec.batches[1] == ["s0", "s1", "f0", "f1"]  # full: goes on an extra slot at once
-    late = asyncio.ensure_future(batcher.submit("late"))
-    await asyncio.sleep(0.1)
-    assert len(rec.batches) == 2
-    await asyncio.sleep(0.3)
-    assert rec.batches[2] == ["late"]  # aged past max_wait: goes on the last free slot
+    control = Control(limit=1)
+    cfg = BatcherConfig(max_batch_size=1, max_concurrent_batches=3)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    futs = [batcher.submit_nowait(f"{i}") for i in range(6)]
+    await until(lambda: len(rec.batches) == 1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batcher.in_flight == 1 and batcher.limit == 1  # the control's limit, not 3
+    control.limit = 10  # above the hard bound: max_concurrent_batches still holds
+    batcher.wake()
+    await until(lambda: len(rec.batches) == 3)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batcher.in_flight == 3 and batcher.limit == 3
+    control.limit = 0  # nonsense: at least one call may always go
+    assert batcher.limit == 1
     rec.gate.set()
-    await asyncio.gather(first, late, *small, *full)
+    assert await asyncio.gather(*futs) == [f"result:{i}" for i in range(6)]
+    assert sum(control.arrivals) == 6  # every item reported, in bulk per dispatch
+
+
+async def test_a_hold_merges_what_arrives_meanwhile() -> None:
+    rec = Recorder()
+    control = Control(limit=2, hold=0.1)
+    cfg = BatcherConfig(max_batch_size=8, max_wait_s=5.0, max_concurrent_batches=2)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    first = batcher.submit_nowait("a")
+    await asyncio.sleep(0.03)
+    assert rec.batches == []  # held although both slots are free
+    assert control.asked[0] == (1, 0)
+    second = batcher.submit_nowait("b")
+    control.hold_s = None  # advice changes: the next dispatch sends
+    assert await asyncio.gather(first, second) == ["result:a", "result:b"]
+    assert rec.batches == [["a", "b"]]
+
+
+async def test_a_hold_never_passes_max_wait_nor_delays_a_full_batch() -> None:
+    rec = Recorder()
+    control = Control(limit=2, hold=60.0)  # a broken control asking for a minute
+    cfg = BatcherConfig(max_batch_size=3, max_wait_s=0.2, max_concurrent_batches=2)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    started = time.monotonic()
+    assert await batcher.submit("alone") == "result:alone"
+    waited = rec.started_at[0] - started
+    assert 0.19 <= waited < 1.0  # max_wait from the item's arrival, not a minute
+    started = time.monotonic()
+    await asyncio.gather(*(batcher.submit(f"f{i}") for i in range(3)))
+    assert time.monotonic() - started < 0.15  # full: goes at once, no hold asked
+    assert rec.batches[-1] == ["f0", "f1", "f2"]
+
+
+async def test_a_batch_can_read_what_dispatch_knew_when_it_left() -> None:
+    seen: list[LaunchInfo | None] = []
+
+    async def process(items: list[str]) -> list[str]:
+        seen.append(LAUNCH.get())
+        await asyncio.sleep(0.05)
+        return items
+
+    control = Control(limit=1)
+    cfg = BatcherConfig(max_batch_size=2, max_concurrent_batches=4)
+    batcher: Batcher[str, str] = Batcher(process, cfg, control=control)
+    futs = [batcher.submit_nowait(f"{i}") for i in range(5)]
+    await asyncio.gather(*futs)
+    assert seen[0] is not None and seen[1] is not None
+    assert (seen[0].in_flight, seen[0].queue_left, seen[0].full) == (1, 3, True)
+    assert seen[0].pass_in_flight == 1
+    assert seen[0].oldest_wait_s < 0.04
+    assert (seen[1].in_flight, seen[1].queue_left, seen[1].full) == (1, 1, True)
+    assert seen[1].oldest_wait_s >= 0.045  # waited for the first call to end
+    last = seen[2]
+    assert last is not None and (last.queue_left, last.full) == (0, False)
+    assert LAUNCH.get() is None  # set only inside the batch's task
+
+
+async def test_timer_policy_never_asks_the_control_to_hold() -> None:
+    rec = Recorder()
+    control = Control(limit=1, hold=None)
+    cfg = BatcherConfig(max_wait_s=0.05, policy=DispatchPolicy.TIMER)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    started = time.monotonic()
+    assert await batcher.submit("x") == "result:x"
+    assert rec.started_at[0] - started >= 0.045  # the timer's wait, not the control's "send"
+    assert control.asked == []
 
 
 # -- races, robustness and shutdown (issue 10) ------------------------------------------
@@ -431,12 +518,12 @@ async def test_a_failure_while_launching_answers_that_batch_and_dispatch_goes_on
     launch = batcher._launch
     calls = 0
 
-    def launch_once_broken(batch: Any, now: float) -> None:
+    def launch_once_broken(batch: Any, now: float, full: bool = False) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("launch failed")
-        launch(batch, now)
+        return launch(batch, now, full)
 
     monkeypatch.setattr(batcher, "_launch", launch_once_broken)
     with loop_errors() as errors, caplog.at_level(logging.ERROR, logger="proxy.batcher"):

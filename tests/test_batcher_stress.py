@@ -99,10 +99,41 @@ def random_config(rng: random.Random, policy: DispatchPolicy) -> BatcherConfig:
         max_batch_size=rng.choice([3, 8, 16, 32]),
         max_wait_s=rng.choice([0.0, 0.0005, 0.002]),
         max_concurrent_batches=concurrency,
-        eager_slots=rng.choice([None, rng.randint(0, concurrency)]),
         policy=policy,
         max_batch_cost=rng.choice([math.inf, 40.0]),
     )
+
+
+class RandomControl:
+    """A :class:`proxy.batcher.DispatchControl` that moves its limit (sometimes past the hard
+    bound, sometimes to nonsense) and asks for random holds, as a misbehaving controller
+    might: the batcher's own guarantees must hold whatever it says."""
+
+    def __init__(self, rng: random.Random, bound: int) -> None:
+        self.rng = rng
+        self.bound = bound
+        self.arrived_items = 0
+
+    @property
+    def limit(self) -> int:
+        return self.rng.randint(0, self.bound + 2)
+
+    def arrived(self, count: int, now: float) -> None:
+        self.arrived_items += count
+
+    def hold(
+        self, queued: int, in_flight: int, max_batch: int, now: float, oldest_enqueued_at: float
+    ) -> float | None:
+        return self.rng.choice([None, None, 0.0, 0.0005, 0.002, 10.0])
+
+
+def make_batcher(
+    rng: random.Random, upstream: Upstream, cfg: BatcherConfig, *, with_control: bool
+) -> tuple[Batcher[Item, str], RandomControl | None]:
+    control = RandomControl(rng, cfg.max_concurrent_batches) if with_control else None
+    batcher: Batcher[Item, str] = Batcher(upstream, cfg, control=control)
+    upstream.batcher = batcher
+    return batcher, control
 
 
 async def submit_randomly(
@@ -165,16 +196,16 @@ def check_outcomes(
     assert upstream.peak <= upstream.cfg.max_concurrent_batches
 
 
+@pytest.mark.parametrize("with_control", [False, True])
 @pytest.mark.parametrize("policy", list(DispatchPolicy))
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_random_load_answers_everyone_and_leaves_nothing_queued(
-    seed: int, policy: DispatchPolicy
+    seed: int, policy: DispatchPolicy, with_control: bool
 ) -> None:
     rng = random.Random(seed)
     cfg = random_config(rng, policy)
     upstream = Upstream(rng, cfg)
-    batcher: Batcher[Item, str] = Batcher(upstream, cfg)
-    upstream.batcher = batcher
+    batcher, control = make_batcher(rng, upstream, cfg, with_control=with_control)
     with loop_errors() as errors:
         submitted = await submit_randomly(batcher, upstream, rng, ITEMS)
         futures: list[Any] = [f for _, _, f in submitted]
@@ -183,6 +214,8 @@ async def test_random_load_answers_everyone_and_leaves_nothing_queued(
         assert not pending, f"{len(pending)} callers never answered"
         await until(lambda: batcher.in_flight == 0 and batcher._idle.is_set())
     check_outcomes(submitted, upstream)
+    if control is not None:
+        assert control.arrived_items == ITEMS
     assert_empty(batcher)
     assert not errors, errors[:3]
     assert upstream.batches, "nothing was processed at all"
@@ -197,8 +230,7 @@ async def test_random_load_cut_short_by_aclose(seed: int, policy: DispatchPolicy
     rng = random.Random(seed)
     cfg = random_config(rng, policy)
     upstream = Upstream(rng, cfg)
-    batcher: Batcher[Item, str] = Batcher(upstream, cfg)
-    upstream.batcher = batcher
+    batcher, _ = make_batcher(rng, upstream, cfg, with_control=seed % 2 == 1)
     with loop_errors() as errors:
         submitted = await submit_randomly(batcher, upstream, rng, ITEMS // 2)
         if rng.random() < 0.5:

@@ -111,7 +111,7 @@ async def test_metrics_expose_batching(start_proxy: ProxyFactory, tei_double: Te
     # A slow upstream and one call in flight at a time, so requests pile up in the queue and
     # leave in batches: the metrics must show both.
     tei_double.config.delay_base_s = 0.1
-    client = await start_proxy(max_concurrent_batches=1, eager_batches=1)
+    client = await start_proxy(max_concurrent_batches=1)
     before = samples(await (await client.get("/metrics")).text())
     assert value(before, "proxy_queue_depth", model="test-double/tei", version="1") == 0
     loop = asyncio.get_running_loop()

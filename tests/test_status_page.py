@@ -244,15 +244,26 @@ async def test_status_page_in_headless_chromium_shows_live_throughput(
     assert problems == []
 
 
-async def test_an_adaptive_limiter_shows_its_state_once_wired(start_proxy: ProxyFactory) -> None:
-    """proxy/concurrency.py's GradientLimiter is not wired into the service yet; once a
-    service has one, the page shows its live limit and state instead of the fixed bound."""
-    concurrency = pytest.importorskip("proxy.concurrency")
+async def test_the_versions_adaptive_limiter_shows_its_state(start_proxy: ProxyFactory) -> None:
+    """Each version's service has its own limiter (DISPATCH=adaptive, the default): the page
+    shows its live limit and state instead of the fixed bound, and follows it when it moves."""
     client = await start_proxy()
     service = client.app[REGISTRY].service()
-    limiter = concurrency.GradientLimiter(concurrency.GradientConfig())
-    service.limiter = limiter  # type: ignore[attr-defined]
+    limiter = service.limiter
+    assert limiter is not None
     (model,) = (await (await client.get("/status.json")).json())["models"]
     adaptive = model["concurrency"]["adaptive"]
     assert adaptive is not None and adaptive["limit"] == limiter.limit
     assert model["concurrency"]["limit"] == limiter.limit and "gradient" in adaptive
+    assert adaptive["ceiling"] == service.batcher.config.max_concurrent_batches
+    limiter.limiter.set_ceiling(1)  # the limit follows the ceiling down
+    (model,) = (await (await client.get("/status.json")).json())["models"]
+    assert model["concurrency"]["limit"] == 1 == model["concurrency"]["adaptive"]["limit"]
+
+
+async def test_a_timer_version_shows_its_fixed_bound(start_proxy: ProxyFactory) -> None:
+    client = await start_proxy(dispatch="timer")
+    assert client.app[REGISTRY].service().limiter is None
+    (model,) = (await (await client.get("/status.json")).json())["models"]
+    assert model["concurrency"]["adaptive"] is None
+    assert model["concurrency"]["limit"] == 16  # the double's 512 permits / 32 items

@@ -46,7 +46,7 @@ async def traced(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     # One call at a time: concurrent requests must share batches.
-    settings = make_settings(upstream_url=tei_url, max_concurrent_batches=1, eager_batches=1)
+    settings = make_settings(upstream_url=tei_url, max_concurrent_batches=1)
     client: TestClient[web.Request, web.Application] = await aiohttp_client(
         create_app(settings, tracer_provider=provider)
     )

@@ -208,9 +208,11 @@ async def test_one_scrape_counts_every_worker(aiohttp_server: Any, unused_tcp_po
                 assert scraped(text, "proxy_model_requests_total", model="test-double/tei") == len(
                     texts
                 )
-                assert (
-                    scraped(text, "proxy_concurrency_limit", model="test-double/tei") == 4
-                )  # 2 + 2
+                # Each worker learns its own limit (from 2, at most its ceiling of 16).
+                limit = scraped(text, "proxy_concurrency_limit", model="test-double/tei")
+                assert 2 + 2 <= limit <= 16 + 16
+                ceiling = scraped(text, "proxy_concurrency_ceiling", model="test-double/tei")
+                assert ceiling == 16 + 16
                 await log.count('"GET /metrics"', scrapes)
                 scrapers = {
                     index

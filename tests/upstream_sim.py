@@ -205,6 +205,10 @@ class LimitPolicy(Protocol):
         self, latency_s: float, size: int, in_flight_at_start: int, now: float, queued: int
     ) -> None: ...
 
+    def held_back(self, queue_left: int, in_flight: int, full_wait_s: float) -> int:
+        """What the batcher reports as ``queued`` for a call it sends."""
+        ...
+
 
 class FixedLimit:
     def __init__(self, limit: int) -> None:
@@ -218,6 +222,9 @@ class FixedLimit:
         self, latency_s: float, size: int, in_flight_at_start: int, now: float, queued: int
     ) -> None:
         pass
+
+    def held_back(self, queue_left: int, in_flight: int, full_wait_s: float) -> int:
+        return queue_left if in_flight >= self._limit else 0
 
 
 class AdaptiveLimit:
@@ -234,6 +241,9 @@ class AdaptiveLimit:
         self, latency_s: float, size: int, in_flight_at_start: int, now: float, queued: int
     ) -> None:
         self.limiter.on_sample(latency_s, size, in_flight_at_start, now, queued=queued)
+
+    def held_back(self, queue_left: int, in_flight: int, full_wait_s: float) -> int:
+        return self.limiter.held_back(queue_left, in_flight, full_wait_s)
 
 
 @dataclass
@@ -326,14 +336,21 @@ def run(
 
     def dispatch() -> None:
         nonlocal in_flight, calls, items_sent
+        sent: list[tuple[list[tuple[float, int]], int, int]] = []
         while in_flight < policy.limit and queue:
             batch = [queue.popleft() for _ in range(min(max_batch, len(queue)))]
             in_flight += 1
             calls += 1
             items_sent += len(batch)
-            # Items the limit (not the batch size) held back: what the batcher will report.
-            queued = len(queue) if in_flight >= policy.limit else 0
-            call = _Call(batch, sim.now, in_flight, queued)
+            sent.append((batch, in_flight, len(queue)))
+        # What the batcher reports: the calls in flight when each call left (counting
+        # itself), and the items the limit (not the batch size) held back: those left queued
+        # behind it, if every slot was busy once the dispatch pass ended (its batches leave
+        # together: a slot the same pass fills next is not free).
+        full_wait = max((sim.now - b[0][0] for b, _, _ in sent if len(b) == max_batch), default=0.0)
+        for batch, in_flight_at_start, left in sent:
+            queued = policy.held_back(left, in_flight, full_wait)
+            call = _Call(batch, sim.now, in_flight_at_start, queued)
             sim.at(sim.now + one_way_s, functools.partial(send, call))
 
     def send(call: _Call) -> None:

@@ -354,7 +354,9 @@ class StatusBatchSize(BaseModel):
 class StatusConcurrency(BaseModel):
     limit: int | None = Field(description="Upstream calls in flight at most (this worker).")
     limit_all_workers: float | None = Field(description="The limits of every worker, added.")
-    max_concurrent_batches: int
+    max_concurrent_batches: int | str = Field(
+        description="MAX_CONCURRENT_BATCHES of the version: a number or auto."
+    )
     adaptive: dict[str, Any] | None = Field(
         description="The adaptive limit's state; null while the limit is fixed."
     )

@@ -189,7 +189,7 @@ class ModelState:
     version: str | None
     model_id: str
     concurrency_limit: int | None
-    max_concurrent_batches: int
+    max_concurrent_batches: int | str
     adaptive_limit: dict[str, Any] | None
     breaker: str
     cache_hit_ratio: float | None = None
