@@ -248,8 +248,7 @@ def _front_middleware(
             response.headers["X-Model"] = served_as
         add_cache_headers(response, ctx.cache)
         elapsed_s = time.perf_counter() - started
-        metrics.requests.labels(route, str(response.status)).inc()
-        metrics.request_duration.labels(route).observe(elapsed_s)
+        metrics.request_done(route, response.status, elapsed_s)
         observer.end(obs, response.status, elapsed_s)
         if log_access:
             size = response.content_length if isinstance(response, web.Response) else None

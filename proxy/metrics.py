@@ -70,6 +70,7 @@ class Metrics:
         r = self.registry
         self.multiprocess_dir = multiprocess_dir()
         self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "proxy_requests",
             "HTTP requests by route and status.",
@@ -435,6 +436,20 @@ class Metrics:
             self.concurrency_recent,
             self.concurrency_gradient,
         )
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """One request answered: its count by route and status, and its duration. The
+        labelled children are kept, so the hot path skips prometheus-client's labels()
+        lookup (a lock and a tuple per call)."""
+        key = (route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, str(status)),
+                self.request_duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self._source())

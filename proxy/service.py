@@ -385,13 +385,58 @@ class EmbeddingService:
 
         ``ctx.deadline`` (a ``time.monotonic()`` instant) bounds queueing, calls and retries.
         Like TEI, the request fails as a whole on its first failing item.
+
+        One input without the cache, the most common request, takes a shorter path in this
+        same frame (every frame of a waiting request is kept while it waits): its one future
+        awaited directly, and the deadline a timer that fails it, instead of a gather and an
+        ``asyncio.timeout``.
         """
         self.rules.validate(inputs, options)
         inputs = self.rules.fit(inputs, options)  # cut or refuse long id lists
-        results = await self._run(
-            inputs, options, ctx.deadline, fail_fast=True, trace=trace, cache=ctx.cache
-        )
-        return [r for r in results if not isinstance(r, BaseException)]
+        if len(inputs) != 1 or self.cache is not None:
+            results = await self._run(
+                inputs, options, ctx.deadline, fail_fast=True, trace=trace, cache=ctx.cache
+            )
+            return [r for r in results if not isinstance(r, BaseException)]
+        batcher = self.batcher
+        if self._draining or batcher.closing:
+            if self.retired:
+                raise RetiredError(503, f"version {self.label} left routing", "Unhealthy")
+            raise errors.unavailable("proxy is shutting down")
+        deadline = ctx.deadline
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.timeout("request timed out before it could be queued")
+        self._reserve(1)
+        try:
+            future = self._submit(
+                inputs[0],
+                deadline,
+                None,
+                options=options,
+                trace=trace,
+                queued_at=time.monotonic() if trace is not None else 0.0,
+            )
+        except QueueFullError as exc:
+            self._rejected.inc()
+            raise errors.overloaded() from exc
+        except BatcherClosedError as exc:
+            raise self._as_api_error(exc) from exc
+        self._items_counter.inc()
+        del inputs
+        timer = asyncio.get_running_loop().call_later(remaining, _expire, future)
+        try:
+            return [await future]
+        except _RequestTimeoutError as exc:
+            raise errors.timeout(
+                f"request took longer than REQUEST_TIMEOUT={self.config.request_timeout:g}s"
+            ) from exc
+        except (BatcherClosedError, DeadlineExceededError, BatchResultMismatchError) as exc:
+            raise self._as_api_error(exc) from exc
+        finally:
+            timer.cancel()
+            if not future.done():
+                future.cancel()  # the caller left: drop the item before it is sent
 
     async def embed_each(
         self,
@@ -657,6 +702,15 @@ class EmbeddingService:
             return {"adaptive": True, **self.concurrency.state().as_dict()}
         ceiling = self.batcher.config.max_concurrent_batches
         return {"adaptive": False, "limit": ceiling, "ceiling": ceiling}
+
+
+class _RequestTimeoutError(Exception):
+    """REQUEST_TIMEOUT passed while the request's one item was queued or in flight."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_RequestTimeoutError())
 
 
 def _version() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import re
 import uuid
 from typing import Any
@@ -13,15 +14,35 @@ from multidict import CIMultiDictProxy
 
 from proxy.cache import CacheUse
 from proxy.errors import ApiError
+from proxy.upstream.base import RawVector, Vector
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, RawVector):
+        return obj.fragment  # the upstream's own JSON, spliced in as is
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON of a response body: numpy rows and :class:`RawVector` without a per-float copy."""
+    return orjson.dumps(payload, default=_json_default, option=_JSON_OPTIONS)
+
+
+def vectors_json(vectors: list[Vector]) -> bytes:
+    """``[[...], ...]`` for /embed: the upstream's rows joined when that is what they are."""
+    rows = [v.json for v in vectors if type(v) is RawVector]
+    if len(rows) == len(vectors):
+        return b"[" + b",".join(rows) + b"]"
+    return dumps(vectors)
 
 
 def json_response(
     payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=orjson.dumps(payload, option=_JSON_OPTIONS),
+        body=dumps(payload),
         status=status,
         content_type="application/json",
         headers=headers,
@@ -62,11 +83,17 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:=+/@-]{1,128}")
 _UNSAFE_IN_LOG = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 
+# Fresh ids: a random prefix per process and a counter. Unique without a uuid4 per request
+# (an os.urandom call each); they are ids, not secrets.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-ID")
     if incoming is not None and _SAFE_REQUEST_ID.fullmatch(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def escape_for_log(text: str) -> str:

@@ -31,7 +31,7 @@ from proxy.http.parsing import (
 )
 from proxy.http.pipeline import embed_request
 from proxy.token_ids import estimate_tokens
-from proxy.upstream.base import EmbedInput, EmbedOptions, Vector
+from proxy.upstream.base import EmbedInput, EmbedOptions, RawVector, Vector
 
 
 def _encode_base64(vec: Vector) -> str:
@@ -39,7 +39,8 @@ def _encode_base64(vec: Vector) -> str:
     if hasattr(vec, "astype"):  # a numpy row from the embedded model: no per-float copy
         raw: bytes = vec.astype("<f4").tobytes()
     else:
-        raw = struct.pack(f"<{len(vec)}f", *vec)
+        floats = vec.tolist() if isinstance(vec, RawVector) else vec
+        raw = struct.pack(f"<{len(floats)}f", *floats)
     return base64.b64encode(raw).decode("ascii")
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.context import context_of
 from proxy.errors import ApiError, ErrorType
-from proxy.http.common import bearer_matches, error_response, json_response
+from proxy.http.common import bearer_matches, error_response, json_response, vectors_json
 from proxy.http.docs import add_docs_routes
 from proxy.http.keys import DRAINING, METRICS, REGISTRY, SETTINGS, SHUTDOWN
 from proxy.http.parsing import parse_embed_request, read_json
@@ -24,8 +24,10 @@ from proxy.openapi import build_openapi
 
 async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    body = await read_json(request)
-    inputs, options = parse_embed_request(body, request.app[SETTINGS].max_client_batch_size)
+    # The parsed body is not kept in this frame, which lives as long as the request waits.
+    inputs, options = parse_embed_request(
+        await read_json(request), request.app[SETTINGS].max_client_batch_size
+    )
     version, inputs, vectors = await embed_request(request, inputs, options)
     elapsed_ms = str(int((time.perf_counter() - started) * 1000))
     # TEI's response metadata headers (router/src/lib.rs), so clients that read them still can.
@@ -38,7 +40,9 @@ async def embed(request: web.Request) -> web.Response:
     compute_type = version.service.upstream.compute_type
     if compute_type is not None:
         headers["x-compute-type"] = compute_type
-    return json_response(vectors, headers=headers)
+    return web.Response(
+        body=vectors_json(vectors), content_type="application/json", headers=headers
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import orjson
@@ -20,7 +20,7 @@ from proxy.errors import (
     upstream_refused,
 )
 from proxy.tracing import outgoing_headers
-from proxy.upstream.base import EmbedInput, EmbedOptions, UpstreamInfo, Vector
+from proxy.upstream.base import EmbedInput, EmbedOptions, RawVector, UpstreamInfo, Vector
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,48 @@ def check_vectors(parsed: Any, expected: int) -> list[Vector]:
     return parsed
 
 
+_FIRST_OF_NUMBER = frozenset(b"-0123456789")
+_SPACE = frozenset(b" \n\r\t")
+_COMMA, _OPEN = ord(","), ord("[")
+
+
+def split_rows(body: bytes, expected: int) -> list[Vector] | None:
+    """TEI's ``[[...],[...]]`` as one :class:`RawVector` per row, by slicing the body at its
+    brackets (a number never holds one), or None for anything unexpected, which the caller
+    then parses in full. Each row starts with a number and has as many commas as the first;
+    that and the count are what :func:`check_vectors` checks of parsed vectors too."""
+    if body[:2] != b"[[" or body[-2:] != b"]]":
+        return None
+    rows: list[RawVector] = []
+    find = body.find
+    end_of_body = len(body) - 1
+    pos = 1
+    dim = 0
+    while True:
+        end = find(b"]", pos)
+        if end < 0 or body[pos + 1] not in _FIRST_OF_NUMBER:  # also "[]": not a vector
+            return None
+        row = body[pos : end + 1]
+        commas = row.count(b",")
+        if not rows:
+            dim = commas + 1
+        elif commas + 1 != dim or b"[" in row[1:]:
+            return None
+        rows.append(RawVector(row, dim))
+        if end + 1 == end_of_body:
+            break
+        if body[end + 1] != _COMMA:
+            return None
+        pos = end + 2
+        while body[pos] in _SPACE:  # "], [" (Python's json) as well as "],["
+            pos += 1
+        if body[pos] != _OPEN:
+            return None
+    if b"[" in rows[0].json[1:] or len(rows) != expected:
+        return None
+    return cast(list[Vector], rows)
+
+
 class TeiUpstream(HttpUpstreamBase):
     kind = "tei"
 
@@ -290,11 +332,13 @@ class TeiUpstream(HttpUpstreamBase):
         status, body, content_type = await self._post_json(base_url, "/embed", payload)
         if status != 200:
             raise tei_error(status, body, content_type)
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_upstream("upstream answered malformed JSON") from exc
-        vectors = check_vectors(parsed, len(inputs))
+        vectors = split_rows(body, len(inputs))
+        if vectors is None:  # not TEI's usual shape: parse it all, and say what is wrong
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise bad_upstream("upstream answered malformed JSON") from exc
+            vectors = check_vectors(parsed, len(inputs))
         if options.dimensions is not None and len(vectors[0]) != options.dimensions:
             raise bad_upstream(
                 f"upstream answered {len(vectors[0])} dimensions, {options.dimensions} asked"
