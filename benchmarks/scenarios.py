@@ -456,6 +456,9 @@ async def memory(ctx: Context) -> dict[str, Any]:
     emu = procs.emulator("stall", ctx.log_dir, max_client_batch_size=1024, stall_s=900)
     flags = ("--max-queue-size", str(2 * n), "--request-timeout", "600")
     flags += ("--upstream-timeout", "600")
+    # Room for the n held connections plus the scrapes of /metrics (MAX_CONNECTIONS, 10,000
+    # by default, would answer the scrape 503).
+    flags += ("--max-connections", str(n + 100))
     with procs.running(emu):
         px = procs.proxy(ctx.log_dir, emu.url, *flags)
         with procs.running(px):

@@ -140,9 +140,18 @@ class _Entry(Generic[T, R]):
     cost: float
     enqueued_at: float
     deadline: float | None
+    queue: _KeyQueue[T, R]
+    batcher: Batcher[T, R]
     # True while counted in its queue's accounting: False once taken for a batch, expired,
     # or dropped because its caller left. Flipped in _unqueue only, so it counts out once.
     live: bool = True
+
+    def __call__(self, _future: asyncio.Future[R]) -> None:
+        """The future's done-callback: see :meth:`Batcher._on_caller_gone`."""
+        self.batcher._on_caller_gone(self, self.queue, _future)
+
+
+_NO_CONTEXT = contextvars.Context()
 
 
 @dataclass(slots=True)
@@ -258,17 +267,19 @@ class Batcher(Generic[T, R]):
             raise QueueFullError(f"queue holds {self._queued} items")
         if future is None:
             future = asyncio.get_running_loop().create_future()
-        entry = _Entry(item, future, cost, self._clock(), deadline)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _KeyQueue()
+        entry = _Entry(item, future, cost, self._clock(), deadline, queue, self)
         queue.entries.append(entry)
         queue.cost += cost
         queue.count += 1
         self._queued += 1
         self._arrivals += 1
         self._idle.clear()
-        future.add_done_callback(functools.partial(self._on_caller_gone, entry, queue))
+        # The entry is its own done-callback, in an empty context: no partial and no copy of
+        # the caller's context per item (10,000 queued requests hold 10,000 of each).
+        future.add_done_callback(entry, context=_NO_CONTEXT)
         self._schedule_dispatch()
         return future
 

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.processes import start_double, start_proxy_process, stop, wait_healthy
+from tests.tei_double import expected_vector
 
 StartProxy = Callable[..., Awaitable[int]]
 
@@ -183,3 +185,29 @@ async def test_idle_keepalive_connection_is_closed_after_the_timeout(start: Star
         assert await closed_within(reader, 1 + 3), "the idle connection stayed open"
     finally:
         writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(start: StartProxy) -> None:
+    """Three requests in one write on one connection (HTTP/1.1 pipelining): the connection's
+    queue of parsed requests (a list in place of aiohttp's deque, proxy/server.py) hands them
+    to the handler one after the other, and each answer comes back in order."""
+    port = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bodies = [f'{{"inputs": "pipelined {i}"}}'.encode() for i in range(3)]
+    writer.write(
+        b"".join(
+            b"POST /embed HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+            for body in bodies
+        )
+        + HEALTH
+    )
+    await writer.drain()
+    answers = [await read_response(reader) for _ in range(4)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [200, 200, 200, 200]
+    vectors = [orjson.loads(body) for _, _, body in answers[:3]]
+    for i, vector in enumerate(vectors):  # in the order sent, each its own text's
+        assert vector == [pytest.approx(expected_vector(f"pipelined {i}"), rel=1e-6)]
+    assert answers[3][2] == b""  # /health last, as sent
