@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # A hold shorter than this costs the loop a timer for next to nothing: send instead.
 MIN_HOLD_S = 0.0002
+# How long after a call's answers their callers are expected back (closed-loop clients
+# resend at once), as a share of the upstream's fixed cost per call; at least this long.
+ECHO_SHARE = 0.25
+MIN_ECHO_S = 0.0005
 
 
 class Pool(Protocol):
@@ -75,6 +79,11 @@ class AdaptiveConcurrency:
         self.advisor = DispatchAdvisor(self.limiter, max_wait_s)
         self._pool: Pool | None = None
         self._on_cut = on_cut
+        self._clock = clock
+        # Items answered lately whose callers have not sent again yet, and when the last
+        # answers went out: see hold().
+        self._echo = 0
+        self._answered_at = -1.0
 
     def attach(self, pool: Pool) -> None:
         """The batcher whose calls this pool's limit bounds (it exists only once the
@@ -89,6 +98,7 @@ class AdaptiveConcurrency:
 
     def arrived(self, count: int, now: float) -> None:
         self.arrivals.add(count, now)
+        self._echo = max(0, self._echo - count)
 
     def hold(
         self, queued: int, in_flight: int, max_batch: int, now: float, oldest_enqueued_at: float
@@ -96,7 +106,30 @@ class AdaptiveConcurrency:
         wait = self.advisor.should_wait(
             queued, self.arrivals.rate(now), in_flight, max_batch, now, oldest_enqueued_at
         )
+        if wait is None:
+            wait = self._echo_hold(queued, in_flight, max_batch, now, oldest_enqueued_at)
         return wait if wait is not None and wait >= MIN_HOLD_S else None
+
+    def _echo_hold(
+        self, queued: int, in_flight: int, max_batch: int, now: float, oldest_enqueued_at: float
+    ) -> float | None:
+        """Closed-loop callers: the items of a call just answered come back at once, and an
+        upstream that runs calls one at a time serves them a whole call later if the batch
+        goes without them (8 clients, one slot: two half batches take turns). While the
+        upstream is idle and not known to merge calls, hold a batch a moment (a quarter of
+        its fixed cost) for those answered callers that have not sent again; each one that
+        does is one less to wait for. Open-loop traffic has no such echo: the hold is short,
+        and only right after answers went out."""
+        if in_flight > 0 or self._echo <= 0 or queued >= max_batch:
+            return None
+        if self.limiter.merges_calls:
+            return None  # more calls in flight buy throughput: send now
+        # Counted from the answers (when the slot freed): the batcher caps it by max_wait too.
+        until = self._answered_at + min(self._echo_window(), self.advisor.max_wait_s)
+        return until - now if until > now else None
+
+    def _echo_window(self) -> float:
+        return max(MIN_ECHO_S, ECHO_SHARE * self.limiter.cost_model.a)
 
     # -- what the upstream reports (proxy.resilience.LoadSignals) -----------------------
 
@@ -120,6 +153,11 @@ class AdaptiveConcurrency:
 
     def served(self, latency_s: float, size: int, at_start: tuple[int, int]) -> None:
         in_flight, queued = at_start
+        now = self._clock()
+        if now - self._answered_at > self._echo_window():
+            self._echo = 0  # callers answered before that did not come back (or are back)
+        self._echo += size  # answered: their callers may send again at once
+        self._answered_at = now
         before = self.limiter.limit
         after = self.limiter.on_sample(latency_s, size, in_flight, queued=queued)
         if after != before:

@@ -15,8 +15,9 @@ Two dispatch policies:
   control's ``limit`` (re-read at every dispatch, never above ``max_concurrent_batches``),
   and before a batch that is neither full nor aged goes on a free slot the control may ask
   to ``hold`` it a little, when it measured that waiting for more items costs less than
-  the upstream's fixed cost per call. ``max_wait`` caps every hold: an item never waits
-  longer than it would under ``timer``.
+  the upstream's fixed cost per call. ``max_wait`` caps every hold: no item is held more than
+  ``max_wait`` past the later of its arrival and the moment a slot was free for it (as under
+  ``timer``, where a batch goes once aged and a slot is free).
 
 In both, at most ``max_concurrent_batches`` calls run at once: it is a hard bound that protects
 the upstream. Items that arrive in the same event-loop turn are merged, because dispatch runs
@@ -198,6 +199,7 @@ class Batcher(Generic[T, R]):
         self._observer = observer
         self._control = control
         self._arrivals = 0  # items queued since the last dispatch, for the control
+        self._slot_freed_at = -math.inf  # when a call last ended
         self._clock = clock
         self._queues: dict[Hashable, _KeyQueue[T, R]] = {}
         self._queued = 0  # live entries waiting, for the queue bound and the depth gauge
@@ -455,18 +457,24 @@ class Batcher(Generic[T, R]):
             if head is None:
                 continue
             age = now - head.enqueued_at
-            if self._closing or age >= cfg.max_wait_s or self._is_full(queue):
+            if self._closing or self._is_full(queue):
                 at = None  # ready
             elif not adaptive:
-                at = head.enqueued_at + cfg.max_wait_s
+                at = None if age >= cfg.max_wait_s else head.enqueued_at + cfg.max_wait_s
             elif control is None:
                 at = None  # adaptive: a free slot takes whatever is queued
             else:
-                hold = control.hold(
-                    queue.count, self._in_flight, cfg.max_batch_size, now, head.enqueued_at
-                )
-                # Never past max_wait from the oldest item, whatever the control says.
-                at = None if hold is None else min(now + hold, head.enqueued_at + cfg.max_wait_s)
+                # A hold never keeps an item more than max_wait past the later of its arrival
+                # and the moment a slot was free for it, whatever the control says (as the
+                # timer policy: a batch goes once aged *and* a slot is free).
+                free_since = max(head.enqueued_at, self._slot_freed_at)
+                if now - free_since >= cfg.max_wait_s:
+                    at = None
+                else:
+                    hold = control.hold(
+                        queue.count, self._in_flight, cfg.max_batch_size, now, head.enqueued_at
+                    )
+                    at = None if hold is None else min(now + hold, free_since + cfg.max_wait_s)
             if at is None:
                 if age > best_age:
                     best_key, best_age, found = key, age, True
@@ -585,6 +593,7 @@ class Batcher(Generic[T, R]):
     def _on_batch_done(self, batch: list[_Entry[T, R]], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._in_flight -= 1
+        self._slot_freed_at = self._clock()
         error: BaseException | None = None
         if not task.cancelled():
             error = task.exception()  # _run answers everyone itself; this would be a bug
