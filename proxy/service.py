@@ -386,14 +386,14 @@ class EmbeddingService:
         ``ctx.deadline`` (a ``time.monotonic()`` instant) bounds queueing, calls and retries.
         Like TEI, the request fails as a whole on its first failing item.
 
-        One input without the cache, the most common request, takes a shorter path in this
-        same frame (every frame of a waiting request is kept while it waits): its one future
-        awaited directly, and the deadline a timer that fails it, instead of a gather and an
-        ``asyncio.timeout``.
+        One input, the most common request, takes a shorter path in this same frame (every
+        frame of a waiting request is kept while it waits): its one future (the cache's, when
+        it is on) awaited directly, and the deadline a timer that fails it, instead of a
+        gather and an ``asyncio.timeout``.
         """
         self.rules.validate(inputs, options)
         inputs = self.rules.fit(inputs, options)  # cut or refuse long id lists
-        if len(inputs) != 1 or self.cache is not None:
+        if len(inputs) != 1:
             results = await self._run(
                 inputs, options, ctx.deadline, fail_fast=True, trace=trace, cache=ctx.cache
             )
@@ -407,16 +407,27 @@ class EmbeddingService:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise errors.timeout("request timed out before it could be queued")
-        self._reserve(1)
+        queued_at = time.monotonic() if trace is not None else 0.0
         try:
-            future = self._submit(
-                inputs[0],
-                deadline,
-                None,
-                options=options,
-                trace=trace,
-                queued_at=time.monotonic() if trace is not None else 0.0,
-            )
+            if self.cache is None or self.cache_scope is None:
+                self._reserve(1)
+                future = self._submit(
+                    inputs[0], deadline, None, options=options, trace=trace, queued_at=queued_at
+                )
+            else:  # as in _run: a hit or a merge never queues
+                (future,) = self.cache.submit(
+                    self.cache_scope,
+                    options,
+                    self.rules.effective_truncate(options),
+                    inputs,
+                    deadline=deadline,
+                    use=ctx.cache if ctx.cache is not None else CacheUse(),
+                    upstream=functools.partial(
+                        self._submit, options=options, trace=trace, queued_at=queued_at
+                    ),
+                    reserve=self._reserve,
+                    dimension=self.rules.dimension,
+                )
         except QueueFullError as exc:
             self._rejected.inc()
             raise errors.overloaded() from exc
