@@ -143,8 +143,8 @@ class Settings(BaseSettings):
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
-        description="asyncio's own loop, or uvloop (the `fast` extra): more throughput per "
-        "process, but a longer latency tail at 1024 clients in our benchmarks.",
+        description="asyncio's own loop, or uvloop (the `fast` extra); see benchmarks/README.md "
+        "for how they compared here.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
