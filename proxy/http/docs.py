@@ -8,6 +8,7 @@ and a Content-Security-Policy lets the page load and call this origin only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,26 +108,39 @@ def add_docs_routes(app: web.Application) -> None:
     app.router.add_get(ASSET_ROUTE, docs_asset)
 
 
+def static_asset_operation(
+    summary: str, operation_id: str, tag: str, names: Iterable[str]
+) -> dict[str, Any]:
+    """The OpenAPI operation of a public route serving one of the package's static files."""
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "tags": [tag],
+        "security": [],
+        "parameters": [
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": sorted(names)},
+            }
+        ],
+        "responses": {
+            "200": {"description": "The file."},
+            "404": {"description": "No such file."},
+        },
+    }
+
+
 def asset_route_spec() -> dict[str, Any]:
     """The OpenAPI path item of the asset route, for /openapi.json to list it."""
     return {
         ASSET_ROUTE: {
-            "get": {
-                "summary": "A static file of the /docs page (Swagger UI)",
-                "operationId": "docs_asset",
-                "tags": ["Documentation"],
-                "parameters": [
-                    {
-                        "name": "name",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "enum": sorted(ASSETS)},
-                    }
-                ],
-                "responses": {
-                    "200": {"description": "The file."},
-                    "404": {"description": "No such file."},
-                },
-            }
+            "get": static_asset_operation(
+                "A static file of the /docs page (Swagger UI)",
+                "docs_asset",
+                "Documentation",
+                ASSETS,
+            )
         }
     }

@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
 from proxy.http.common import json_response
-from proxy.http.docs import SECURITY_HEADERS, static_file
+from proxy.http.docs import SECURITY_HEADERS, static_asset_operation, static_file
 from proxy.http.keys import METRICS, REGISTRY, SETTINGS
 from proxy.metrics import Metrics
 from proxy.service import EmbeddingService
@@ -372,23 +372,8 @@ def status_route_specs() -> dict[str, Any]:
             }
         },
         STATUS_ASSET_ROUTE: {
-            "get": {
-                "summary": "A static file of the /status page",
-                "operationId": "status_asset",
-                "tags": ["Observe"],
-                "security": [],
-                "parameters": [
-                    {
-                        "name": "name",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "enum": sorted(STATUS_ASSETS)},
-                    }
-                ],
-                "responses": {
-                    "200": {"description": "The file."},
-                    "404": {"description": "No such file."},
-                },
-            }
+            "get": static_asset_operation(
+                "A static file of the /status page", "status_asset", "Observe", STATUS_ASSETS
+            )
         },
     }
