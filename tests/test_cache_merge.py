@@ -14,6 +14,7 @@ import gc
 import time
 import weakref
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from hypothesis import strategies as st
 
 from proxy.batcher import Batcher, BatcherConfig
 from proxy.cache import CacheUse, EmbeddingCache
+from proxy.cache.front import JsonRow
 from proxy.cache.identity import CacheScope
-from proxy.upstream.base import EmbedOptions, Vector
+from proxy.upstream.base import EmbedOptions, RawVector, Vector
 from tests.cache_support import (
     SCOPE,
     BatchFailed,
@@ -495,3 +497,25 @@ async def test_a_finished_flight_is_freed_at_once_not_left_to_the_garbage_collec
     finally:
         gc.enable()
         await batcher.aclose()
+
+
+async def test_json_rows_from_an_http_upstream_are_stored_and_answered_as_sent() -> None:
+    """A TEI row (:class:`RawVector`) is kept as the upstream's own JSON and a hit answers
+    those very bytes: no float32 round trip on a miss or on a hit."""
+    row = b"[0.012345679,-0.5,3.0e-8,1.0]"
+
+    async def process(jobs: list[Job]) -> list[Vector | BaseException]:
+        return [RawVector(row, 4) for _ in jobs]
+
+    batcher: Batcher[Job, Vector] = Batcher(process, BatcherConfig(max_batch_size=4))
+    cache = EmbeddingCache(1 << 20)
+    (miss,) = submit(cache, batcher, ["json"])
+    answered = await miss
+    stored = cache.lru.get(memory_key(cache, "json"))
+    assert type(stored) is JsonRow and stored == row
+    (hit,) = submit(cache, batcher, ["json"])
+    assert hit.done()
+    again = hit.result()
+    assert isinstance(again, RawVector) and again.json == row == cast(RawVector, answered).json
+    assert list(again) == [0.012345679, -0.5, 3.0e-8, 1.0] and len(again) == 4
+    await batcher.aclose()

@@ -1,7 +1,8 @@
-"""An in-memory LRU of float32 vectors, bounded in bytes.
+"""An in-memory LRU of vectors, bounded in bytes.
 
-Values are the vectors' raw little-endian float32 bytes, each stored once; a hit is a
-read-only numpy view of them (no copy). Entries have no TTL: a model version's vectors never
+Values are bytes, each stored once: a vector's little-endian float32 bytes, or the JSON
+array an HTTP upstream wrote (:class:`proxy.cache.front.JsonRow`); either is answered
+without a copy of its floats. The bound counts the bytes actually held. Entries have no TTL: a model version's vectors never
 change, so an entry is only ever evicted for room, or because its version left the registry.
 """
 
