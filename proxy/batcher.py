@@ -525,6 +525,9 @@ class Batcher(Generic[T, R]):
                     break
                 entries.popleft()
                 self._unqueue(entry, queue)
+                # Off the queue, its done-callback has nothing left to do: without it, the
+                # result costs no scheduled call per item.
+                entry.future.remove_done_callback(entry)
                 if entry.deadline is not None and now >= entry.deadline:
                     # Never spend upstream work on a caller whose time is already up.
                     entry.future.set_exception(

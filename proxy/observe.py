@@ -37,6 +37,7 @@ class Observation:
 
 
 OBSERVATION = web.RequestKey("observation", Observation)
+_MAX_CHILDREN = 1024
 
 
 class Observer:
@@ -46,6 +47,9 @@ class Observer:
         self.metrics = metrics
         self.hooks = hooks
         self.tracing = tracing
+        # Labelled children per (model, version, status): labels() takes a lock and builds
+        # a tuple on every call, and this runs on every request.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def begin(
         self, request: web.Request, request_id: str, route: str, started: float
@@ -59,8 +63,17 @@ class Observer:
 
     def end(self, obs: Observation, status: int, elapsed_s: float) -> None:
         if obs.model is not None:
-            version = obs.version or ""
-            self.metrics.model_requests.labels(obs.model, version, str(status)).inc()
-            self.metrics.model_request_duration.labels(obs.model, version).observe(elapsed_s)
+            key = (obs.model, obs.version or "", status)
+            children = self._children.get(key)
+            if children is None:
+                if len(self._children) >= _MAX_CHILDREN:
+                    self._children.clear()  # models come and go: keep this bounded
+                model, version, _ = key
+                children = self._children[key] = (
+                    self.metrics.model_requests.labels(model, version, str(status)),
+                    self.metrics.model_request_duration.labels(model, version),
+                )
+            children[0].inc()
+            children[1].observe(elapsed_s)
         if obs.span is not None:
             obs.span.finish(status, obs.attributes)

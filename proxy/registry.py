@@ -426,8 +426,13 @@ class Registry:
     def _split(
         self, entry: ModelEntry, ctx: RequestContext, inputs: Sequence[EmbedInput]
     ) -> ModelVersion:
+        traffic = entry.traffic
+        if len(traffic) == 1:  # one version takes all: no hash to compute
+            chosen = entry.versions[traffic[0][0]]
+            if chosen.state is VersionState.READY:
+                return chosen
         point = split_point(entry.name, ctx, inputs)
-        chosen = entry.versions[pick(entry.traffic, point)]
+        chosen = entry.versions[pick(traffic, point)]
         if chosen.state is VersionState.READY:
             return chosen
         # Only while a version of the split is still starting (or failed to): the ready

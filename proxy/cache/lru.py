@@ -2,8 +2,9 @@
 
 Values are bytes, each stored once: a vector's little-endian float32 bytes, or the JSON
 array an HTTP upstream wrote (:class:`proxy.cache.front.JsonRow`); either is answered
-without a copy of its floats. The bound counts the bytes actually held. Entries have no TTL: a model version's vectors never
-change, so an entry is only ever evicted for room, or because its version left the registry.
+without a copy of its floats. The bound counts the bytes actually held. Entries have no
+TTL: a model version's vectors never change, so an entry is only ever evicted for room, or
+because its version left the registry.
 """
 
 from __future__ import annotations

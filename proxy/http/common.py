@@ -106,6 +106,8 @@ def escape_for_log(text: str) -> str:
 def cache_use(headers: CIMultiDictProxy[str]) -> CacheUse:
     """A request's ``Cache-Control``: ``no-cache`` skips the lookups (the vector is still
     stored), ``no-store`` skips both; other directives are ignored."""
+    if "Cache-Control" not in headers:
+        return CacheUse()
     directives = {
         part.split("=", 1)[0].strip().lower()
         for value in headers.getall("Cache-Control", ())

@@ -272,7 +272,7 @@ def split_rows(body: bytes, expected: int) -> list[Vector] | None:
         commas = row.count(b",")
         if not rows:
             dim = commas + 1
-        elif commas + 1 != dim or b"[" in row[1:]:
+        elif commas + 1 != dim or row.find(b"[", 1) >= 0:
             return None
         rows.append(RawVector(row, dim))
         if end + 1 == end_of_body:
@@ -284,7 +284,7 @@ def split_rows(body: bytes, expected: int) -> list[Vector] | None:
             pos += 1
         if body[pos] != _OPEN:
             return None
-    if b"[" in rows[0].json[1:] or len(rows) != expected:
+    if rows[0].json.find(b"[", 1) >= 0 or len(rows) != expected:
         return None
     return cast(list[Vector], rows)
 
