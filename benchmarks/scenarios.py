@@ -437,7 +437,7 @@ async def capacity(ctx: Context) -> dict[str, Any]:
     worst = min(r["ratio_to_bare"] for r in px_rows.values())
     return {
         "rows": rows,
-        "targets": [target("e1", "proxy / bare aiohttp throughput, worst level", worst, 0.5)],
+        "targets": [target("e1", "proxy / bare aiohttp throughput, worst level", worst, 0.75)],
         "setup": {
             "upstream": "instant: answers every call at once with 384-float vectors",
             "bare aiohttp": "the same instant server hit directly by the load generator",
