@@ -13,11 +13,13 @@ Two dispatch policies:
   never waits for a timer. Items only accumulate while every slot is busy; when one frees,
   the next batch forms at once. With a :class:`DispatchControl`, the number of slots is the
   control's ``limit`` (re-read at every dispatch, never above ``max_concurrent_batches``),
-  and before a batch that is neither full nor aged goes on a free slot the control may ask
-  to ``hold`` it a little, when it measured that waiting for more items costs less than
-  the upstream's fixed cost per call. ``max_wait`` caps every hold: no item is held more than
-  ``max_wait`` past the later of its arrival and the moment a slot was free for it (as under
-  ``timer``, where a batch goes once aged and a slot is free).
+  and a *full* batch may also take the calls up to the control's ``full_batch_limit`` (it
+  cannot grow by waiting: pipelining into a serial upstream); and before a batch that is
+  neither full nor aged goes on a free slot the control may ask to ``hold`` it a little,
+  when it measured that waiting for more items costs less than the upstream's fixed cost
+  per call. ``max_wait`` caps every hold: no item is held more than ``max_wait`` past the
+  later of its arrival and the moment a slot was free for it (as under ``timer``, where a
+  batch goes once aged and a slot is free).
 
 In both, at most ``max_concurrent_batches`` calls run at once: it is a hard bound that protects
 the upstream. Items that arrive in the same event-loop turn are merged, because dispatch runs
@@ -90,6 +92,12 @@ class DispatchControl(Protocol):
     @property
     def limit(self) -> int:
         """Calls that may be in flight now (the batcher also keeps ``max_concurrent_batches``)."""
+        ...
+
+    @property
+    def full_batch_limit(self) -> int:
+        """Calls that may be in flight when the next one carries a full batch (at least
+        ``limit``; the batcher still keeps ``max_concurrent_batches``)."""
         ...
 
     def arrived(self, count: int, now: float) -> None:
@@ -230,6 +238,15 @@ class Batcher(Generic[T, R]):
         if self._control is None:
             return bound
         return max(1, min(bound, self._control.limit))
+
+    @property
+    def full_batch_limit(self) -> int:
+        """Calls that may be in flight when the next batch is full: the control's
+        ``full_batch_limit`` within the hard bound (``limit`` without a control)."""
+        bound = self.config.max_concurrent_batches
+        if self._control is None:
+            return bound
+        return max(1, min(bound, max(self._control.limit, self._control.full_batch_limit)))
 
     def wake(self) -> None:
         """Look at the queue again soon (e.g. the control's limit rose). Needs a running loop."""
@@ -421,8 +438,13 @@ class Batcher(Generic[T, R]):
         call ends or an item arrives)."""
         launched: list[LaunchInfo] = []
         try:
-            while self._in_flight < self.limit:  # re-read: the control may move it any time
-                ready, key, ready_at = self._next_ready_key(now)
+            while True:
+                # Re-read both bounds: the control may move them any time. Past the limit,
+                # only full batches go (up to full_batch_limit); the rest wait for a call to end.
+                free = self._in_flight < self.limit
+                if not free and (self._control is None or self._in_flight >= self.full_batch_limit):
+                    return None
+                ready, key, ready_at = self._next_ready_key(now, full_only=not free)
                 if not ready:
                     return ready_at
                 batch, full = self._take_batch(self._queues[key], now)
@@ -434,7 +456,6 @@ class Batcher(Generic[T, R]):
                         raise
                     if info is not None:
                         launched.append(info)
-            return None
         finally:
             # Batches sent in one pass leave together (their tasks start after it).
             full_wait = max((i.oldest_wait_s for i in launched if i.full), default=0.0)
@@ -442,9 +463,12 @@ class Batcher(Generic[T, R]):
                 info.pass_in_flight = self._in_flight
                 info.pass_full_wait_s = full_wait
 
-    def _next_ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
+    def _next_ready_key(
+        self, now: float, *, full_only: bool = False
+    ) -> tuple[bool, Hashable, float | None]:
         """The key whose batch may go now (oldest head first), or when the next one may.
-        Called only while a slot is free."""
+        Called only while a slot is free, or with ``full_only`` while only a full batch may
+        go (then never a time: the others wait for a call to end)."""
         cfg = self.config
         adaptive = cfg.policy is DispatchPolicy.ADAPTIVE
         control = self._control
@@ -457,8 +481,10 @@ class Batcher(Generic[T, R]):
             if head is None:
                 continue
             age = now - head.enqueued_at
-            if self._closing or self._is_full(queue):
+            if self._is_full(queue) or (self._closing and not full_only):
                 at = None  # ready
+            elif full_only:
+                continue
             elif not adaptive:
                 at = None if age >= cfg.max_wait_s else head.enqueued_at + cfg.max_wait_s
             elif control is None:

@@ -257,8 +257,11 @@ def test_invalid_config_is_refused() -> None:
 class Control:
     """A :class:`proxy.batcher.DispatchControl` whose limit and advice the test sets."""
 
-    def __init__(self, limit: int = 1, hold: float | None = None) -> None:
+    def __init__(
+        self, limit: int = 1, hold: float | None = None, full_batch_limit: int = 0
+    ) -> None:
         self.limit = limit
+        self.full_batch_limit = full_batch_limit  # below limit: no extra calls for full ones
         self.hold_s = hold
         self.arrivals: list[int] = []
         self.asked: list[tuple[int, int]] = []  # (queued, in_flight) of each hold question
@@ -295,6 +298,55 @@ async def test_the_controls_limit_bounds_calls_and_is_read_at_every_dispatch() -
     rec.gate.set()
     assert await asyncio.gather(*futs) == [f"result:{i}" for i in range(6)]
     assert sum(control.arrivals) == 6  # every item reported, in bulk per dispatch
+
+
+async def test_past_the_limit_only_full_batches_go_up_to_the_full_batch_limit() -> None:
+    """A full batch cannot grow by waiting: the control may let it take calls beyond its
+    limit (pipelining into a serial upstream). A partial batch still waits for a call to
+    end, and so does a full one once full_batch_limit is reached; the hard bound holds."""
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    control = Control(limit=1, full_batch_limit=2)
+    cfg = BatcherConfig(max_batch_size=4, max_concurrent_batches=3)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    futs = [batcher.submit_nowait("a0")]
+    await until(lambda: len(rec.batches) == 1)
+    futs += [batcher.submit_nowait(f"b{i}") for i in range(3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(rec.batches) == 1 and batcher.queue_depth == 3  # partial: waits
+    futs.append(batcher.submit_nowait("b3"))  # now full: takes the extra call
+    await until(lambda: len(rec.batches) == 2)
+    futs += [batcher.submit_nowait(f"c{i}") for i in range(4)]  # full, but no call left
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batcher.in_flight == 2 and batcher.queue_depth == 4
+    control.full_batch_limit = 10  # above the hard bound: max_concurrent_batches holds
+    batcher.wake()
+    await until(lambda: len(rec.batches) == 3)
+    assert batcher.in_flight == 3 and batcher.full_batch_limit == 3
+    rec.gate.set()
+    assert len(await asyncio.gather(*futs)) == 9
+    assert rec.batches == [["a0"], ["b0", "b1", "b2", "b3"], ["c0", "c1", "c2", "c3"]]
+
+
+async def test_draining_sends_partial_batches_within_the_limit_only() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    control = Control(limit=1, full_batch_limit=3)
+    cfg = BatcherConfig(max_batch_size=4, max_concurrent_batches=3)
+    batcher: Batcher[str, str] = Batcher(rec, cfg, control=control)
+    futs = [batcher.submit_nowait("a0")]
+    await until(lambda: len(rec.batches) == 1)
+    futs += [batcher.submit_nowait(f"b{i}") for i in range(2)]
+    drained = asyncio.ensure_future(batcher.drain())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(rec.batches) == 1  # partial: the extra calls are for full batches only
+    rec.gate.set()
+    await drained
+    assert rec.batches == [["a0"], ["b0", "b1"]]
+    assert len(await asyncio.gather(*futs)) == 3
 
 
 async def test_a_hold_merges_what_arrives_meanwhile() -> None:

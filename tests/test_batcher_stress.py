@@ -118,6 +118,10 @@ class RandomControl:
     def limit(self) -> int:
         return self.rng.randint(0, self.bound + 2)
 
+    @property
+    def full_batch_limit(self) -> int:
+        return self.rng.randint(0, self.bound + 2)
+
     def arrived(self, count: int, now: float) -> None:
         self.arrived_items += count
 
