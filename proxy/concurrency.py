@@ -39,9 +39,19 @@ means different things:
   in flight it looks exactly like a serial upstream (the second call waits for the first).
   There the limiter measures each level's capacity (items answered per second, over calls
   that ran entirely under that limit) and the demand (capacity plus the queue's growth), and
-  climbs a level at a time to the first level that carries the demand, or, if none does,
-  toward the highest throughput, exploring unmeasured levels (below first, after starting
-  too high). A gradient cut never goes below the fewest calls measured to carry the load.
+  climbs to the first level that carries the demand, or, if none does, toward the highest
+  throughput, exploring unmeasured levels (below first, after starting too high). Upward it
+  explores by jumps (:meth:`GradientLimiter._jump`): TEI's throughput grows by a few % per
+  call (its batches by a fraction of a call each), under the 5 % a level must gain, yet by
+  ~30 % from 1 to 8 calls. A level reached by a jump in front of an upstream that merges
+  calls is held while its calls stay full (closed-loop clients: no backlog, so no
+  measurement, and the gradient would walk it back into the backlog); once they are not,
+  an unmeasured one goes back to one above where the jump started. A gradient cut never
+  goes below the fewest calls measured to carry the load.
+* At a limit of one, a full batch may take one more call (:attr:`GradientLimiter.
+  full_batch_limit`): it waits inside the upstream for the running call (pipelining), so a
+  serial upstream never idles a round trip between full batches. Levels are measured with
+  it.
 * 429, 503 and timeouts cut the limit by ``backoff`` (0.75), at most once per cooldown (one
   smoothed call latency), so a burst of failures from calls sent under the old limit counts
   once. Floor 1; ceiling configured (:func:`auto_ceiling` from the upstream's /info).
@@ -349,6 +359,10 @@ class GradientConfig:
     # A full batch that empties the queue still says "backlog" if its oldest item waited
     # this many round trips (see held_back).
     full_wait_rtts: float = 0.5
+    # A call at least this share of the biggest lately counts as full (see on_sample).
+    full_share: float = 0.9
+    # No full batch beyond a limit of one (see full_batch_limit) this long after a cut.
+    pipeline_after_cut_s: float = 5.0
     # -- congestion signals
     backoff: float = 0.75  # within the brief's 0.5-0.9 (AIMD's 0.9 is for limits ~100)
     congestion_cooldown_s: float | None = None  # None: one smoothed call latency
@@ -437,9 +451,9 @@ class GradientLimiter:
       verdict here, because a merging upstream's latency grows with the batches that buy its
       throughput, and a serial upstream's second call looks just like its merging cousin's.
       Instead each level's capacity (items answered per second while backlogged) and the
-      demand (capacity + queue growth) are measured; the limit climbs a level at a time to
-      the first whose capacity carries the demand, or, if none does, toward the highest
-      throughput, exploring unmeasured levels (below first after starting too high).
+      demand (capacity + queue growth) are measured; the limit climbs to the first level
+      whose capacity carries the demand, or, if none does, toward the highest throughput,
+      exploring unmeasured levels (below first after starting too high; upward by jumps).
     """
 
     def __init__(
@@ -476,6 +490,11 @@ class GradientLimiter:
         # capacity and demand while backlogged
         self._levels: dict[int, _Level] = {}
         self._window: _Window | None = None
+        self._held = 0  # items the limit held back when the last call answered was sent
+        self._call_size = 0.0  # items per call, a short average
+        self._max_size = 0.0  # the biggest call lately (a slowly decaying maximum)
+        self._jumped_from: int | None = None  # the level the last jump up started from
+        self._jump_holds = False  # whether it is held while its calls are full (see on_sample)
         self._demand: float | None = None  # items/s offered, measured while backlogged
         self._delivered = ArrivalRate(0.5, clock=clock)  # items/s answered
         self._backlog_at: float | None = None  # last call sent into a backlog
@@ -515,6 +534,26 @@ class GradientLimiter:
         if len(ordered) >= 3 and max(levels.values()) < min(levels.values()) * gain:
             return False  # three levels or more, all alike: one call at a time
         return self.cost_model.merges_calls
+
+    @property
+    def full_batch_limit(self) -> int:
+        """Calls in flight that a *full* batch may use (never fewer than :attr:`limit`).
+
+        At a limit of one call, one more for a full batch: a full batch cannot grow by
+        waiting, and sent now it waits inside the upstream, which starts it the moment the
+        running call ends instead of a round trip later (pipelining: a serial upstream never
+        idles between full batches; one that merges or runs calls in parallel just gets the
+        next batch sooner). Not for a while after a congestion cut (the upstream refused
+        more), and not above the ceiling. Higher limits get more calls by the limit's own
+        rules."""
+        limit = self.limit
+        if limit != 1:
+            return limit
+        cut = self._last_cut_at
+        if cut is not None and self._last_sample_at is not None:
+            if self._last_sample_at - cut < self.config.pipeline_after_cut_s:
+                return limit
+        return min(self._ceiling, limit + 1)
 
     def set_ceiling(self, ceiling: int) -> None:
         """Change the hard maximum (e.g. once the upstream's /info gives :func:`auto_ceiling`)."""
@@ -596,6 +635,15 @@ class GradientLimiter:
         self._update_latency(latency_s, size, in_flight, now)
         rtt = self._rtt
         sustained = backlogged and now - self._backlog_since >= rtt
+        jumped = self._jumped_from
+        if jumped is not None and self._call_size < cfg.full_share * self._max_size:
+            start, jumped, self._jumped_from = jumped, None, None
+            if self.limit not in self._levels:
+                # Calls no longer full after a jump to a level never measured: it overshot
+                # (or the load dropped). Back to one above where it started; the usual rules
+                # go on from there, as they do from a level that was measured.
+                self._set_estimate(min(self._estimate, start + 1.5), now)
+                return self.limit
         if sustained:
             level_target = self._capacity_target(now)
             if level_target is not None:
@@ -610,6 +658,12 @@ class GradientLimiter:
             if now - self._limit_since < cfg.measure_rtts * rtt:
                 return self.limit  # hold the level while its capacity is being measured
         if now < self._trial_until:
+            return self.limit
+        if jumped is not None and self._jump_holds:
+            # A jump that absorbed the backlog with full calls (closed-loop clients in front
+            # of an upstream that merges calls): the levels in between are unmeasured, and
+            # the gradient would walk down through them into the backlog again, since such an
+            # upstream's latency grows with the batches that buy its throughput.
             return self.limit
         target = self._gradient_target(in_flight, now)
         if backlogged:
@@ -631,6 +685,7 @@ class GradientLimiter:
         self._last_cut_at = now
         self._fail_probe(now, self.limit)
         self._cuts += 1
+        self._jumped_from = None  # refused: no level is held for having absorbed a backlog
         self._set_estimate(self._estimate * cfg.backoff, now)
         return self.limit
 
@@ -757,6 +812,9 @@ class GradientLimiter:
     ) -> bool:
         """Note this call's backlog state and measure capacity; return "backlogged"."""
         rtt = self._rtt or 0.0
+        self._held = queued
+        self._call_size += 0.2 * (size - self._call_size)
+        self._max_size = max(size, self._max_size * 0.999)
         if queued <= 0:
             self._window = None  # capacity is measured only over calls sent into a backlog
             # One call finding the queue empty right after a burst of answers is no sign that
@@ -768,7 +826,7 @@ class GradientLimiter:
         # Credit a level only with calls that ran entirely under it and started with no
         # leftovers of a higher limit in flight (an upstream that queues calls is still
         # working those off).
-        if now - latency_s < self._limit_since or in_flight > self.limit:
+        if now - latency_s < self._limit_since or in_flight > self.full_batch_limit:
             self._window = None
             return True
         window = self._window
@@ -841,12 +899,30 @@ class GradientLimiter:
             # as a failed probe does: each one costs every call sent meanwhile.
             if not self._explore_allowed(now):
                 return level + 0.5
-            self._exploring = level + 1
-            return level + 1.5
+            up = self._jump(level, levels[level], need)
+            if up > level + 1:
+                self._jumped_from = level
+                # Decided now: the levels that show it may be forgotten while it holds.
+                self._jump_holds = self.merges_calls is True
+            self._exploring = up
+            return up + 0.5
         if level > top:
             self._fail_probe(now, level)
             return top + 0.5  # measured no better: come back down
         return level + 0.5
+
+    def _jump(self, level: int, capacity: float, need: float) -> int:
+        """The level to explore from the best one measured so far: as many calls as would
+        carry the demand if capacity grew in proportion to calls, or as would send every
+        item held back (closed-loop clients: the queue does not grow, it waits), at most
+        twice this level (slow start); one more at least. A jump past the knee is measured
+        and comes back down to the best level like any exploration."""
+        wanted = level + 1
+        if capacity > 0:
+            wanted = max(wanted, math.ceil(level * need / capacity))
+        if self._call_size > 0:
+            wanted = max(wanted, level + math.ceil(self._held / self._call_size))
+        return max(level + 1, min(2 * level, self._ceiling, wanted))
 
     def _fresh(self, now: float) -> dict[int, float]:
         memory = self.config.throughput_memory_s
@@ -869,6 +945,8 @@ class GradientLimiter:
                 self._probe_from = None  # back where the probe started, with no verdict
             if self._exploring is not None and after < self._exploring:
                 self._explore_ended(now, measured=False)
+            if self._jumped_from is not None and after <= self._jumped_from + 1:
+                self._jumped_from = None
 
     def _clamp(self, value: float) -> float:
         return max(float(self.config.floor), min(float(self._ceiling), value))

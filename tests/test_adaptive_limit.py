@@ -365,3 +365,26 @@ def test_the_echo_hold_waits_only_for_callers_just_answered() -> None:
     control.served(0.02, 1, (1, 0))  # long after: the old echo is forgotten
     control.arrived(1, clock.now + 0.001)
     assert control.hold(1, 0, 32, clock.now + 0.001, clock.now + 0.001) is None
+
+
+def test_the_echo_hold_also_waits_in_front_of_an_upstream_that_merges_calls() -> None:
+    """TEI cuts its next batch from whatever is queued when one starts: the first caller
+    back, sent alone, would make the others wait a whole batch more. So in front of an
+    upstream that merges calls the echo is waited for too, even with calls in flight."""
+    clock = Clock()
+    control = AdaptiveConcurrency("m", ceiling=16, max_wait_s=0.005, clock=clock)
+    for size in (1, 8, 16, 32) * 3:  # lone calls: a = 20 ms, b = 0.2 ms
+        clock.now += 0.05
+        control.served(0.020 + 0.0002 * size, size, (1, 0))
+    for _ in range(20):  # four calls at once cost one batch of their items: merged
+        clock.now += 0.05
+        control.served(0.020 + 0.0002 * 64, 16, (4, 0))
+    assert control.limiter.merges_calls is True
+    control.arrived(1000, clock.now)  # every caller answered so far came back
+    clock.now += 0.02
+    control.served(0.03, 8, (1, 0))  # 8 answered now
+    control.arrived(1, clock.now + 0.0005)  # the first is back, a call is in flight
+    wait = control.hold(1, 1, 32, clock.now + 0.0005, clock.now + 0.0005)
+    assert wait is not None and 0 < wait <= 0.005
+    control.arrived(7, clock.now + 0.001)  # all back: send
+    assert control.hold(8, 1, 32, clock.now + 0.001, clock.now + 0.0005) is None

@@ -645,3 +645,122 @@ def test_simulation_is_reproducible_and_fast_enough() -> None:
     second = run(scenario.make, adaptive(1), rate=scenario.rate, duration=2.0, seed=4)
     assert first.limit_trace == second.limit_trace
     assert first.p99 == second.p99 and not math.isinf(first.p99)
+
+
+# -- full batches beyond the limit, and closed-loop clients -----------------------------------
+
+
+def test_full_batch_limit_is_one_more_at_a_limit_of_one_unless_refused() -> None:
+    # Probes of two calls held back for good: the limit stays at one throughout.
+    limiter = GradientLimiter(GradientConfig(initial_limit=1, ceiling=8, probe_hold_rtts=1e6))
+    assert limiter.full_batch_limit == 2  # pipelining: the next full batch waits inside
+    limiter.on_sample(0.020, 32, 1, now=0.0)
+    assert limiter.full_batch_limit == 2
+    limiter.on_congestion("429", now=1.0)  # refused: no extra call for a while
+    limiter.on_sample(0.020, 32, 1, now=1.001)
+    assert limiter.limit == 1 and limiter.full_batch_limit == 1
+    limiter.on_sample(0.020, 32, 1, now=6.5)
+    assert limiter.limit == 1 and limiter.full_batch_limit == 2
+    higher = GradientLimiter(GradientConfig(initial_limit=4, ceiling=8))
+    assert higher.full_batch_limit == 4  # above one, the limit's own rules add calls
+    one = GradientLimiter(GradientConfig(initial_limit=1, ceiling=1))
+    assert one.full_batch_limit == 1  # never above the ceiling
+
+
+def serial_sim(sim: Sim) -> SerialUpstream:
+    return SerialUpstream(sim, 0.020, 0.0002)
+
+
+@pytest.mark.parametrize("clients", [64, 256])
+def test_full_batches_pipeline_into_a_serial_upstream(clients: int) -> None:
+    """Closed-loop clients, a serial upstream: at a limit of one, the upstream idles between
+    calls (the answer's way back, the next batch's way there). One extra call that only a
+    full batch may take keeps the next batch waiting inside it instead: throughput reaches
+    the physical limit (32 items per a + 32 b), above the fixed limit of one's, and the
+    limit itself stays at one (the extra call is no probe of two calls; at 256 clients one
+    exploration of more calls ends by 2 s)."""
+    physical = 32 / (0.020 + 0.0002 * 32)
+    one = run(
+        serial_sim, functools.partial(fixed, 1), rate=0, duration=6.0, warmup=1.0, clients=clients
+    )
+    result = run(serial_sim, adaptive(1), rate=0, duration=6.0, warmup=1.0, clients=clients)
+    assert one.served_rate < 0.97 * physical
+    assert result.served_rate >= 0.99 * physical, (result.served_rate, physical)
+    assert result.mean_limit(2.0, 6.0) < 1.1
+    assert max(n for t, n in result.in_flight_trace if t >= 2.0) == 2
+    assert result.mean_batch >= 31
+
+
+def test_partial_batches_never_take_the_extra_call() -> None:
+    """8 closed-loop clients: every batch is partial (8 items), so calls go one at a time."""
+    result = run(serial_sim, adaptive(1), rate=0, duration=4.0, warmup=1.0, clients=8)
+    assert max(n for _, n in result.in_flight_trace) == 1
+    assert result.mean_batch == pytest.approx(8, rel=0.05)
+
+
+def tei_like(sim: Sim) -> MergingUpstream:
+    """TEI's CPU-like cost model (20 ms + 1 ms per item per batch) and its scheduler: the
+    next batch is cut while one runs, from whatever is queued then."""
+    return MergingUpstream(sim, 0.020, 0.001, max_items=1600, prefetch=True)
+
+
+@functools.cache
+def closed_sweep(clients: int) -> dict[int, RunResult]:
+    return {
+        limit: run(
+            tei_like,
+            functools.partial(fixed, limit),
+            rate=0,
+            duration=6.0,
+            warmup=1.0,
+            clients=clients,
+        )
+        for limit in (1, 2, 4, 8, 16)
+    }
+
+
+def adaptive_under(start: float, ceiling: int) -> Callable[[Sim], AdaptiveLimit]:
+    def make(sim: Sim) -> AdaptiveLimit:
+        config = GradientConfig(initial_limit=start, ceiling=ceiling)
+        return AdaptiveLimit(GradientLimiter(config, clock=sim.clock))
+
+    return make
+
+
+@pytest.mark.parametrize(("clients", "best", "within"), [(256, 8, 2.0), (1024, 16, 4.0)])
+def test_a_backlog_in_front_of_a_merging_upstream_climbs_to_what_it_needs(
+    clients: int, best: int, within: float
+) -> None:
+    """Closed-loop clients in front of a TEI-like upstream: more items in flight make its
+    batches bigger and its throughput higher, up to all the clients in flight (256: 8 calls
+    of 32) or the ceiling (1024: 16 calls, TEI's 512 permits). A second call gains ~1% and
+    each level a few %, so a climb one measured level at a time stopped early (at 2-4).
+    Jumps (to the calls that would send every item held back, at most doubling) reach it
+    and hold it: within 2 s at 256 clients, and 4 s at 1024, where one round trip already
+    takes over a second."""
+    sweep = closed_sweep(clients)
+    most = max(r.served_rate for r in sweep.values())
+    assert min(lv for lv, r in sweep.items() if r.served_rate >= 0.99 * most) == best
+    assert sweep[2].served_rate < 0.8 * most  # a low limit costs a fifth of the throughput
+    result = run(tei_like, adaptive_under(2, 16), rate=0, duration=8.0, warmup=4.0, clients=clients)
+    converged = result.converged_at(best, 0.2, end=8.0)
+    assert converged is not None and converged <= within, converged
+    assert result.served_rate >= 0.95 * most
+
+
+def test_the_jump_is_undone_when_the_load_drops() -> None:
+    """256 clients, then 8: the level reached by the jump is no longer held (its calls are
+    no longer full); it goes back to one above where the jump started, and the 8 clients'
+    items go out as one call."""
+    result = run(
+        tei_like,
+        adaptive_under(2, 16),
+        rate=0,
+        duration=8.0,
+        warmup=0.0,
+        clients=256,
+        step=(4.0, 8),
+    )
+    assert result.mean_limit(3.0, 4.0) == pytest.approx(8, rel=0.2)
+    assert result.mean_limit(5.0, 8.0) <= 5
+    assert result.mean_in_flight(5.0, 8.0) < 1.1

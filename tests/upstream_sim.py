@@ -106,34 +106,50 @@ class MergingUpstream:
         max_items: int,
         per_call: float = 0.0,
         jitter: float = 0.0,
+        prefetch: bool = False,
     ) -> None:
         self.sim, self.a, self.b, self.jitter = sim, a, b, jitter
         self.max_items, self.per_call = max_items, per_call
+        # TEI's scheduler: the next batch is cut while one runs, from whatever is queued at
+        # that moment (the first call to arrive, if none was), not when the running one ends.
+        self.prefetch = prefetch
         self._queue: deque[tuple[int, Done]] = deque()
         self._busy = False
+        self._next: tuple[int, list[Done]] | None = None  # prefetch: the batch cut next
         self.batches: list[int] = []
 
     def submit(self, size: int, done: Done) -> None:
         self._queue.append((size, done))
         if not self._busy:
-            self._start()
+            self._start(self._cut())
+        elif self.prefetch and self._next is None:
+            self._next = self._cut()
 
-    def _start(self) -> None:
+    def _cut(self) -> tuple[int, list[Done]]:
         taken: list[Done] = []
         items = 0
         while self._queue and (not taken or items + self._queue[0][0] <= self.max_items):
             size, done = self._queue.popleft()
             taken.append(done)
             items += size
+        return items, taken
+
+    def _start(self, batch: tuple[int, list[Done]]) -> None:
+        items, taken = batch
         self._busy = True
         self.batches.append(items)
+        if self.prefetch and self._queue:
+            self._next = self._cut()
 
         def finish() -> None:
             self._busy = False
             for done in taken:
                 done()
-            if self._queue:
-                self._start()
+            if self._next is not None:
+                batch, self._next = self._next, None
+                self._start(batch)
+            elif self._queue:
+                self._start(self._cut())
 
         cost = self.a + self.b * items + self.per_call * len(taken)
         self.sim.at(self.sim.now + self.sim.noisy(cost, self.jitter), finish)
@@ -201,6 +217,11 @@ class LimitPolicy(Protocol):
     @property
     def limit(self) -> int: ...
 
+    @property
+    def full_batch_limit(self) -> int:
+        """Calls in flight that a full batch may use (as the batcher's; at least ``limit``)."""
+        ...
+
     def completed(
         self, latency_s: float, size: int, in_flight_at_start: int, now: float, queued: int
     ) -> None: ...
@@ -216,6 +237,10 @@ class FixedLimit:
 
     @property
     def limit(self) -> int:
+        return self._limit
+
+    @property
+    def full_batch_limit(self) -> int:
         return self._limit
 
     def completed(
@@ -237,6 +262,10 @@ class AdaptiveLimit:
     def limit(self) -> int:
         return self.limiter.limit
 
+    @property
+    def full_batch_limit(self) -> int:
+        return self.limiter.full_batch_limit
+
     def completed(
         self, latency_s: float, size: int, in_flight_at_start: int, now: float, queued: int
     ) -> None:
@@ -256,6 +285,12 @@ class RunResult:
     calls: int
     mean_batch: float
     limit_trace: list[tuple[float, int]] = field(default_factory=list)
+    in_flight_trace: list[tuple[float, int]] = field(default_factory=list)
+    served_rate: float = 0.0  # items/s answered in the window, whenever they arrived
+
+    def mean_in_flight(self, start: float, end: float) -> float:
+        """Time-weighted mean of the calls in flight over [start, end)."""
+        return _time_weighted(self.in_flight_trace, start, end)
 
     def mean_limit(self, start: float, end: float) -> float:
         """Time-weighted mean of the limit over [start, end)."""
@@ -315,8 +350,14 @@ def run(
     max_batch: int = 32,
     one_way_s: float = 0.0005,
     seed: int = 1,
+    clients: int = 0,
+    step: tuple[float, int] | None = None,
 ) -> RunResult:
-    """Poisson arrivals at ``rate`` items/s for ``duration`` simulated seconds.
+    """Poisson arrivals at ``rate`` items/s for ``duration`` simulated seconds; or, with
+    ``clients``, that many closed-loop clients (``rate`` ignored), each sending its next item
+    ``one_way_s`` after its answer (those answered together arrive together, as the batcher
+    merges items that arrive in one event-loop turn). ``step``: ``(at, clients)``, the number
+    of closed-loop clients from then on (those answered beyond it stop sending).
 
     Latency statistics cover items that arrived after ``warmup``; an item still unanswered at
     the end counts with the time it has waited so far, so an unstable setting cannot hide
@@ -333,16 +374,27 @@ def run(
     calls = 0
     items_sent = 0
     trace: list[tuple[float, int]] = [(0.0, policy.limit)]
+    flights: list[tuple[float, int]] = [(0.0, 0)]
+    next_index = 0
+    served = 0
+    population = clients  # closed-loop clients sending now
+    wanted = clients
 
     def dispatch() -> None:
         nonlocal in_flight, calls, items_sent
         sent: list[tuple[list[tuple[float, int]], int, int]] = []
-        while in_flight < policy.limit and queue:
+        # Past the limit, only a full batch may go, up to full_batch_limit (as the batcher).
+        while queue and (
+            in_flight < policy.limit
+            or (len(queue) >= max_batch and in_flight < policy.full_batch_limit)
+        ):
             batch = [queue.popleft() for _ in range(min(max_batch, len(queue)))]
             in_flight += 1
             calls += 1
             items_sent += len(batch)
             sent.append((batch, in_flight, len(queue)))
+        if sent:
+            flights.append((sim.now, in_flight))
         # What the batcher reports: the calls in flight when each call left (counting
         # itself), and the items the limit (not the batch size) held back: those left queued
         # behind it, if every slot was busy once the dispatch pass ended (its batches leave
@@ -360,12 +412,17 @@ def run(
         )
 
     def finish(call: _Call) -> None:
-        nonlocal in_flight
+        nonlocal in_flight, served
         in_flight -= 1
         now = sim.now
+        flights.append((now, in_flight))
+        if now >= warmup:
+            served += len(call.items)
         for arrived, index in call.items:
             if unanswered.pop(index, None) is not None:
                 latencies.append(now - arrived)
+        if clients:
+            sim.at(now + one_way_s, functools.partial(resend, len(call.items)))
         policy.completed(
             now - call.started, len(call.items), call.in_flight_at_start, now, call.queued
         )
@@ -383,7 +440,34 @@ def run(
         if next_at < duration:
             sim.at(next_at, lambda: arrive(index + 1))
 
-    sim.at(rng.expovariate(rate), lambda: arrive(0))
+    def resend(count: int) -> None:
+        nonlocal next_index, population
+        now = sim.now
+        if population > wanted:  # a step down: answered clients leave
+            leaving = min(count, population - wanted)
+            population -= leaving
+            count -= leaving
+        for _ in range(count):
+            queue.append((now, next_index))
+            if now >= warmup:
+                unanswered[next_index] = now
+            next_index += 1
+        dispatch()
+
+    def change(target: int) -> None:
+        nonlocal wanted, population
+        wanted = target
+        if target > population:  # a step up: new clients send at once
+            joining = target - population
+            population = target
+            resend(joining)
+
+    if clients:
+        sim.at(0.0, functools.partial(resend, clients))
+        if step is not None:
+            sim.at(step[0], functools.partial(change, step[1]))
+    else:
+        sim.at(rng.expovariate(rate), lambda: arrive(0))
     sim.run_until(duration)
     completed = len(latencies)
     all_latencies = sorted(latencies + [duration - t for t in unanswered.values()])
@@ -397,4 +481,6 @@ def run(
         calls=calls,
         mean_batch=items_sent / calls if calls else 0.0,
         limit_trace=trace,
+        in_flight_trace=flights,
+        served_rate=served / window,
     )
