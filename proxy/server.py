@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import signal
 import socket
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import web, web_protocol
+from aiohttp.http import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from proxy.app import close, create_app, drain
 from proxy.errors import ApiError
@@ -114,13 +116,98 @@ class _MessageQueue(list[Any]):
         return self.pop(0)
 
 
+class _Chunks(list[bytes]):
+    """The deque operations aiohttp's StreamReader uses on its buffer of body chunks, on a
+    list: a whole body usually arrives as one chunk, and a deque takes ~600 bytes."""
+
+    __slots__ = ()
+
+    def popleft(self) -> bytes:
+        return self.pop(0)
+
+    def appendleft(self, chunk: bytes) -> None:
+        self.insert(0, chunk)
+
+
+# A new parser for a connection, as aiohttp's RequestHandler makes it; None when this aiohttp
+# makes its parser in a way we do not copy (then connections keep theirs, as aiohttp does).
+ParserFactory = Callable[[RequestHandler], Any]
+
+
+def _parser_factory(handler_kwargs: dict[str, Any]) -> ParserFactory | None:
+    try:
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(RequestHandler.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    except (TypeError, ValueError):
+        return None
+    opts = {**defaults, **handler_kwargs}
+    names = ("read_bufsize", "max_line_size", "max_field_size", "max_headers", "auto_decompress")
+    if not all(name in opts for name in names):
+        return None
+    kwargs: dict[str, Any] = {
+        "max_line_size": opts["max_line_size"],
+        "max_field_size": opts["max_field_size"],
+        "max_headers": opts["max_headers"],
+        "payload_exception": RequestPayloadError,
+        "auto_decompress": opts["auto_decompress"],
+    }
+    queue_size = getattr(web_protocol, "MAX_MSG_QUEUE_SIZE", None)
+    if queue_size is not None:
+        kwargs["max_msg_queue_size"] = queue_size
+    limit = opts["read_bufsize"]
+
+    def make(handler: RequestHandler) -> Any:
+        return HttpRequestParser(handler, handler._loop, limit, **kwargs)
+
+    return make
+
+
+# Bytes kept while a request's header block is still arriving, to find where it ends; a
+# longer one is not followed (its connection keeps its parser, as with aiohttp).
+_MAX_TRACKED_HEAD = 32 * 1024
+
+
+def _head_length(data: bytes) -> int:
+    """The length of the header block that ``data`` starts with (up to and including the
+    first empty line, CRLF or bare LF), or -1 when it is not all there."""
+    if data[:1] in (b"\r", b"\n"):
+        return -1  # empty lines before the request line: not worth following
+    crlf, lf = data.find(b"\n\r\n"), data.find(b"\n\n")
+    if crlf < 0:
+        return lf + 2 if lf >= 0 else -1
+    return crlf + 3 if lf < 0 or crlf < lf else lf + 2
+
+
 class _Handler(RequestHandler):
-    """aiohttp's connection handler, plus a bound on the time a request's headers may take
-    once their first byte arrived (aiohttp has none: a client sending a byte a second keeps
-    its connection for the whole keep-alive timeout)."""
+    """aiohttp's connection handler, plus:
+
+    * a bound on the time a request's headers may take once their first byte arrived
+      (aiohttp has none: a client sending a byte a second keeps its connection for the whole
+      keep-alive timeout);
+    * less memory per request held. Once a request has been parsed whole and nothing after
+      it was received, its connection's parser (~1.6 KB with what it keeps of the request)
+      is dropped until more bytes arrive; so are the request's raw header bytes (the app
+      reads ``request.headers``; ``request.raw_headers`` is empty) and its body's deque.
+      To know that nothing followed, the bytes of each request are counted: its header
+      block and its body must add up to what was read. A connection that pipelines past a
+      request keeps its parser, as with aiohttp."""
 
     # RequestHandler has slots: without these, every connection would also carry a __dict__.
-    __slots__ = ("_body", "_counted", "_header_timeout_s", "_header_timer", "_limits")
+    __slots__ = (
+        "_body",
+        "_counted",
+        "_fed",
+        "_head",
+        "_head_prefix",
+        "_header_timeout_s",
+        "_header_timer",
+        "_in_request",
+        "_limits",
+        "_new_parser",
+    )
 
     def __init__(self, manager: _Server, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -133,8 +220,20 @@ class _Handler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # of the last request parsed
         self._counted = True  # released once, in connection_lost
+        self._new_parser = manager.new_parser
+        # The request the parser is on: bytes read since it began (-1: not followed, the
+        # parser stays), its header block's length once known (-1 before) and the bytes of
+        # that block read so far, and whether its headers are parsed.
+        self._fed = 0 if self._new_parser is not None else -1
+        self._head = -1
+        self._head_prefix = b""
+        self._in_request = False
 
     def data_received(self, data: bytes) -> None:
+        if self._parser is None and self._payload_parser is None and not self._upgraded:
+            if not data or self._force_close or self._close or self._new_parser is None:
+                return  # nothing to parse (a dropped parser held nothing), or closing
+            self._parser = self._new_parser(self)
         in_body = self._body is not None and not self._body.is_eof()
         parsed = self._request_count
         super().data_received(data)
@@ -151,6 +250,55 @@ class _Handler(RequestHandler):
             self._header_timer = self._loop.call_later(
                 self._header_timeout_s, self._headers_too_slow, self._request_count
             )
+        if self._fed >= 0:
+            self._follow(data, self._request_count - parsed)
+
+    def _follow(self, data: bytes, new: int) -> None:
+        """Count ``data`` into the request the parser is on; drop the parser when that
+        request is whole and ended exactly with ``data``."""
+        if new > 1 or (new and self._in_request) or self._parser is None:
+            self._fed = -1  # a request ended inside these bytes and another began
+            return
+        self._fed += len(data)
+        if self._head < 0:
+            head = self._head_prefix + data
+            self._head = _head_length(head)
+            if self._head < 0:
+                self._head_prefix = head
+                if new or len(head) > _MAX_TRACKED_HEAD:
+                    self._fed = -1
+                return
+            self._head_prefix = b""
+        if new:
+            msg, payload = self._messages[-1] if self._messages else (None, None)
+            if (
+                not isinstance(msg, RawRequestMessage)  # aiohttp's stand-in for a 400
+                or msg.should_close
+                or msg.upgrade
+                or msg.chunked
+                or msg.compression is not None
+                or (payload is not EMPTY_PAYLOAD and type(payload) is not StreamReader)
+            ):
+                self._fed = -1
+                return
+            self._in_request = True
+        elif not self._in_request:
+            self._fed = -1  # a whole header block that the parser did not take as one
+            return
+        body = self._body
+        if body is None or not body.is_eof():
+            return  # the body is still arriving
+        if self._fed != self._head + (0 if body is EMPTY_PAYLOAD else body.total_bytes):
+            self._fed = -1  # the parser holds bytes past this request
+            return
+        self._parser = None  # made again when the next bytes arrive
+        self._fed, self._head, self._in_request = 0, -1, False
+        if type(body) is StreamReader and type(body._buffer) is deque:
+            body._buffer = _Chunks(body._buffer)  # type: ignore[assignment]
+        if new and self._messages:  # still queued: the request is not made yet
+            msg, payload = self._messages[-1]
+            if isinstance(msg, RawRequestMessage):
+                self._messages[-1] = (msg._replace(raw_headers=()), payload)
 
     def _headers_too_slow(self, parsed: int) -> None:
         self._header_timer = None
@@ -233,6 +381,7 @@ class _Server(web.Server):
             **handler_kwargs,
         )
         self._handler_kwargs = handler_kwargs
+        self.new_parser = _parser_factory(handler_kwargs)
         self._max_connections = max_connections
         self._header_timeout_s = header_timeout_s
         self._refusal = _refusal()

@@ -1,0 +1,208 @@
+"""The connection handler of proxy/server.py in-process, over raw sockets: what a connection
+keeps while its request is held, and that keeping less never loses a byte (keep-alive,
+pipelining, requests split across reads, bodies over several reads, bare-LF line ends)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.server import _Handler, _Runner
+
+HELD = "/held"
+
+
+class App:
+    """Echoes method, path, a header and the body; ``/held`` waits until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.held: list[web.Request] = []
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.path == HELD:
+            self.held.append(request)
+            await self.release.wait()
+        text = f"{request.method} {request.path} {request.headers.get('X-Tag', '-')} {len(body)}"
+        return web.Response(text=text, headers={"X-Body-Sum": str(sum(body))})
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[App, int, _Runner]]:
+    app = App()
+    runner = _Runner(
+        app.app,
+        handler_cancellation=True,
+        access_log=None,
+        max_connections=100,
+        header_timeout_s=10.0,
+    )
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    site = web.SockSite(runner, sock)
+    await site.start()
+    try:
+        yield app, sock.getsockname()[1], runner
+    finally:
+        app.release.set()
+        await runner.cleanup()
+        sock.close()
+
+
+def request(path: str, body: bytes = b"", tag: str = "-") -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: test", f"X-Tag: {tag}", f"Content-Length: {len(body)}"]
+    return "".join(line + "\r\n" for line in head).encode() + b"\r\n" + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, str, int]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length, body_sum = 0, -1
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        if name.strip().lower() == b"x-body-sum":
+            body_sum = int(value)
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, body.decode(), body_sum
+
+
+def handlers(runner: _Runner) -> list[Any]:
+    server = runner.server
+    assert server is not None
+    return [h for h in server.connections if isinstance(h, _Handler)]
+
+
+async def wait_held(app: App, n: int) -> None:
+    for _ in range(200):
+        if len(app.held) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(app.held)} of {n} requests reached the handler")
+
+
+async def test_a_held_request_keeps_no_parser_nor_raw_headers_and_keep_alive_goes_on(
+    served: tuple[App, int, _Runner],
+) -> None:
+    app, port, runner = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request(HELD, b"abc", tag="one"))
+        await wait_held(app, 1)
+        (handler,) = handlers(runner)
+        assert handler._parser is None  # dropped until the next bytes arrive
+        held = app.held[0]
+        assert held.raw_headers == ()
+        assert held.headers["X-Tag"] == "one" and held.headers["Content-Length"] == "3"
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} one 3", sum(b"abc"))
+        # The same connection: a parser is made again for the next request.
+        for i in range(3):
+            writer.write(request("/again", bytes([i]) * 5, tag=str(i)))
+            assert await read_response(reader) == (200, f"POST /again {i} 5", 5 * i)
+        assert handlers(runner) == [handler]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("cut", [1, 4, 30, -1])
+async def test_a_pipelined_request_begun_in_the_same_read_is_kept(
+    served: tuple[App, int, _Runner], cut: int
+) -> None:
+    """The first request ends inside a read that also holds the start of the next one (one
+    byte of it, its request line, part of its headers, all but its last body byte): the
+    parser holds that start and must stay."""
+    app, port, runner = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    second = request("/second", b"xyz", tag="two")
+    try:
+        writer.write(request(HELD, b"P" * 7, tag="one") + second[:cut])
+        await wait_held(app, 1)
+        await asyncio.sleep(0.05)  # the start of the second request is in
+        (handler,) = handlers(runner)
+        assert handler._parser is not None
+        writer.write(second[cut:])
+        await asyncio.sleep(0.05)
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} one 7", 7 * ord("P"))
+        assert await read_response(reader) == (200, "POST /second two 3", sum(b"xyz"))
+    finally:
+        writer.close()
+
+
+async def test_whole_pipelined_requests_in_one_read_are_all_answered_in_order(
+    served: tuple[App, int, _Runner],
+) -> None:
+    _, port, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"".join(request(f"/p{i}", b"q" * i, tag=str(i)) for i in range(4)))
+        for i in range(4):
+            assert await read_response(reader) == (200, f"POST /p{i} {i} {i}", i * ord("q"))
+    finally:
+        writer.close()
+
+
+async def test_requests_split_across_reads_and_large_bodies(
+    served: tuple[App, int, _Runner],
+) -> None:
+    app, port, runner = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    big = bytes(range(256)) * 2048  # 512 KB: many reads
+    try:
+        # Headers in two writes, then the body: the parser stays while it holds a part.
+        data = request(HELD, b"12345", tag="s")
+        writer.write(data[:10])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(data[10:-2])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(data[-2:])
+        await wait_held(app, 1)
+        (handler,) = handlers(runner)
+        assert handler._parser is None  # counted over three reads: it ended with the last
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} s 5", sum(b"12345"))
+        writer.write(request("/big", big, tag="b"))
+        assert await read_response(reader) == (200, f"POST /big b {len(big)}", sum(big))
+        # A held request with a body over many reads, on the same connection.
+        app.release.clear()
+        writer.write(request(HELD, big, tag="h"))
+        await wait_held(app, 2)
+        assert handler._parser is None
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} h {len(big)}", sum(big))
+    finally:
+        writer.close()
+
+
+async def test_empty_lines_before_a_request_and_requests_without_body(
+    served: tuple[App, int, _Runner],
+) -> None:
+    """Empty lines before a request line are allowed: that request is not followed (its
+    parser stays); the next one starts clean again once a parser is made anew."""
+    app, port, runner = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\r\n" + request(HELD, b"body", tag="e"))
+        await wait_held(app, 1)
+        (handler,) = handlers(runner)
+        assert handler._parser is not None
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} e 4", sum(b"body"))
+        writer.write(b"GET /get HTTP/1.1\r\nHost: test\r\nX-Tag: g\r\n\r\n")
+        assert await read_response(reader) == (200, "GET /get g 0", 0)
+    finally:
+        writer.close()
