@@ -24,12 +24,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web, web_protocol
-from aiohttp.http import HttpRequestParser, RawRequestMessage
+from aiohttp.helpers import ceil_timeout
+from aiohttp.http import HttpRequestParser, RawRequestMessage, StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from proxy.app import close, create_app, drain
@@ -181,6 +183,22 @@ def _head_length(data: bytes) -> int:
     return crlf + 3 if lf < 0 or crlf < lf else lf + 2
 
 
+# aiohttp's private pieces that :meth:`_Handler._serve` uses as its own start() does; with an
+# aiohttp that lacks one, connections run aiohttp's start() as they are.
+_ERR_INFO = getattr(web_protocol, "_ErrInfo", None)
+_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
+_PAYLOAD_ACCESS_ERROR = getattr(web_protocol, "_PAYLOAD_ACCESS_ERROR", None)
+_TASK_PER_REQUEST = (
+    _ERR_INFO is not None
+    and _ERROR_MESSAGE is not None
+    and _PAYLOAD_ACCESS_ERROR is not None
+    and all(
+        hasattr(RequestHandler, name)
+        for name in ("_handle_request", "_make_error_handler", "_process_keepalive")
+    )
+)
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, plus:
 
@@ -193,7 +211,11 @@ class _Handler(RequestHandler):
       reads ``request.headers``; ``request.raw_headers`` is empty) and its body's deque.
       To know that nothing followed, the bytes of each request are counted: its header
       block and its body must add up to what was read. A connection that pipelines past a
-      request keeps its parser, as with aiohttp."""
+      request keeps its parser, as with aiohttp;
+    * one task per request, and none while the connection is idle: aiohttp runs a task per
+      connection that waits for requests and starts another for each (so that each sees a
+      fresh copy of the context variables); here each request is handled by a task made
+      when it is parsed, which gives the same fresh copy."""
 
     # RequestHandler has slots: without these, every connection would also carry a __dict__.
     __slots__ = (
@@ -229,6 +251,136 @@ class _Handler(RequestHandler):
         self._head_prefix = b""
         self._in_request = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not _TASK_PER_REQUEST:
+            super().connection_made(transport)
+            return
+        # RequestHandler.connection_made without its task waiting for the first request.
+        super(RequestHandler, self).connection_made(transport)
+        real_transport = cast(asyncio.Transport, transport)
+        if self._tcp_keepalive:
+            tcp_keepalive(real_transport)
+        assert self._manager is not None
+        self._manager.connection_made(self, real_transport)
+        if self._keepalive_timeout > 0:  # a connection that never sends a request ends too
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _process_keepalive(self) -> None:
+        if not _TASK_PER_REQUEST:
+            super()._process_keepalive()
+            return
+        self._keepalive_handle = None
+        if self._force_close or not self._keepalive:
+            return
+        close_time = self._next_keepalive_close_time
+        if self._loop.time() < close_time:  # a request since: not idle that long yet
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+            return
+        if self._task_handler is None and not self._messages:  # idle
+            self.force_close()
+
+    def _next_request(self) -> None:
+        if (
+            _TASK_PER_REQUEST
+            and self._messages
+            and self._task_handler is None
+            and not self._force_close
+            and not self._close
+        ):
+            self._task_handler = self._loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        """One request, as an iteration of aiohttp's RequestHandler.start() (aiohttp 3.14),
+        with the request handled in this task instead of one more."""
+        loop = self._loop
+        manager = self._manager
+        assert manager is not None
+        assert self._request_factory is not None
+        assert self._request_handler is not None
+        parsed, payload = self._messages.popleft()
+        if self._parser is not None:
+            self._parser.message_consumed()
+        if getattr(self, "_buffer_paused", False) and len(self._messages) <= getattr(
+            self, "_msg_queue_resume_size", 0
+        ):
+            self._resume_reading_if_drained()
+        # Only needed for the access log.
+        start = loop.time() if self._logging_enabled else None
+        manager.requests_count += 1
+        writer = StreamWriter(self, loop)
+        if isinstance(parsed, RawRequestMessage):
+            message, request_handler = parsed, self._request_handler
+        else:  # a request aiohttp could not parse: its 400
+            message = cast(RawRequestMessage, _ERROR_MESSAGE)
+            request_handler = self._make_error_handler(parsed)
+        task = asyncio.current_task(loop)
+        assert task is not None
+        request = self._request_factory(message, payload, self, writer, task)
+        resp = None
+        keep = False
+        try:
+            try:
+                resp, reset = await self._handle_request(request, start, request_handler)
+            except ConnectionError:
+                self.log_debug("Ignored premature client disconnection")
+                return
+            if reset:
+                self.log_debug("Ignored premature client disconnection 2")
+                return
+            self._keepalive = bool(resp.keep_alive)
+            if not payload.is_eof():
+                await self._linger(payload)
+            payload.set_exception(cast(BaseException, _PAYLOAD_ACCESS_ERROR))
+            keep = self._keepalive and not self._close and not self._force_close
+        except asyncio.CancelledError:
+            self.log_debug("Ignored premature client disconnection")
+            self.force_close()
+            raise
+        except Exception as exc:
+            self.log_exception("Unhandled exception", exc_info=exc)
+            self.force_close()
+        except BaseException:
+            self.force_close()
+            raise
+        finally:
+            request._task = None  # type: ignore[assignment]  # no reference cycle
+            if self.transport is None and resp is not None:
+                self.log_debug("Ignored premature client disconnection.")
+            if self._task_handler is task:
+                self._task_handler = None
+            if not keep and not self._force_close and self.transport is not None:
+                self.transport.close()
+        if not keep:
+            return
+        close_time = loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        self._next_request()  # pipelined behind this one
+
+    async def _linger(self, payload: StreamReader) -> None:
+        """The rest of a body the handler left unread, read and dropped for up to
+        lingering_time, so the connection can serve its next request (aiohttp's start())."""
+        lingering_time = self._lingering_time
+        if not self._force_close and lingering_time:
+            self.log_debug("Start lingering close timer for %s sec.", lingering_time)
+            now = self._loop.time()
+            end_t = now + lingering_time
+            try:
+                while not payload.is_eof() and now < end_t:
+                    async with ceil_timeout(end_t - now):
+                        await payload.readany()
+                    now = self._loop.time()
+            except (TimeoutError, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        if not payload.is_eof() and not self._force_close:
+            self.log_debug("Uncompleted request.")
+            self.close()
+
     def data_received(self, data: bytes) -> None:
         if self._parser is None and self._payload_parser is None and not self._upgraded:
             if not data or self._force_close or self._close or self._new_parser is None:
@@ -237,6 +389,7 @@ class _Handler(RequestHandler):
         in_body = self._body is not None and not self._body.is_eof()
         parsed = self._request_count
         super().data_received(data)
+        self._next_request()
         if not data:
             return
         if self._request_count > parsed:  # a request's headers are complete
@@ -400,6 +553,19 @@ class _Server(web.Server):
         )
 
 
+def _drop_current_app_wrapper(app: web.Application) -> None:
+    """aiohttp wraps every handler in one more middleware, which points
+    ``request.match_info.current_app`` at the sub-application being run; with no
+    sub-application it is the app already, and the wrapper's coroutine frame (~350 bytes) is
+    held by every request waiting for its answer."""
+    handlers = getattr(app, "_middlewares_handlers", None)
+    if getattr(app, "_subapps", True) or not handlers:
+        return
+    last = handlers[-1][0]
+    if getattr(last, "__qualname__", "").startswith("_fix_request_current_app."):
+        app._middlewares_handlers = handlers[:-1]
+
+
 class _Runner(web.AppRunner):
     """An AppRunner whose server is :class:`_Server`."""
 
@@ -412,6 +578,7 @@ class _Runner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the app's start-up and freezes it
+        _drop_current_app_wrapper(self._app)
         kwargs = dict(self._kwargs)  # handler_cancellation, access_log, keepalive_timeout, ...
         return _Server(
             base.request_handler,

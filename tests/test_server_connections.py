@@ -5,8 +5,9 @@ pipelining, requests split across reads, bodies over several reads, bare-LF line
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from aiohttp import web
 from proxy.server import _Handler, _Runner
 
 HELD = "/held"
+SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="-")
 
 
 class App:
@@ -23,16 +25,32 @@ class App:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.held: list[web.Request] = []
-        self.app = web.Application()
+        self.cancelled: list[str] = []
+        self.app = web.Application(middlewares=[self.front])
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
+    @web.middleware
+    async def front(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        assert request.app is self.app
+        return await handler(request)
+
     async def handle(self, request: web.Request) -> web.Response:
+        assert request.app is self.app and request.task is asyncio.current_task()
+        # What an earlier request of the same connection set must not show here.
+        seen = SEEN.get()
+        SEEN.set(request.headers.get("X-Tag", "-"))
         body = await request.read()
         if request.path == HELD:
             self.held.append(request)
-            await self.release.wait()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request.headers.get("X-Tag", "-"))
+                raise
         text = f"{request.method} {request.path} {request.headers.get('X-Tag', '-')} {len(body)}"
-        return web.Response(text=text, headers={"X-Body-Sum": str(sum(body))})
+        return web.Response(text=text, headers={"X-Body-Sum": str(sum(body)), "X-Seen": seen})
 
 
 @pytest.fixture
@@ -206,3 +224,77 @@ async def test_empty_lines_before_a_request_and_requests_without_body(
         assert await read_response(reader) == (200, "GET /get g 0", 0)
     finally:
         writer.close()
+
+
+async def test_one_task_per_request_none_while_idle_and_a_fresh_context_each(
+    served: tuple[App, int, _Runner],
+) -> None:
+    app, port, runner = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/a", tag="a"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+        assert b"X-Seen: -" in head
+        (handler,) = handlers(runner)
+        assert handler._task_handler is None  # idle: no task waits for the next request
+        writer.write(request(HELD, tag="b"))
+        await wait_held(app, 1)
+        assert handler._task_handler is app.held[0].task
+        app.release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"X-Seen: -" in head  # not "a": each request has its own context
+        # The middleware chain has no wrapper for sub-applications (there are none).
+        assert all(
+            not getattr(m, "__qualname__", "").startswith("_fix_request_current_app")
+            for m, _ in app.app._middlewares_handlers or ()
+        )
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_goes_away_cancels_its_held_request(
+    served: tuple[App, int, _Runner],
+) -> None:
+    app, port, runner = served
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request(HELD, tag="gone"))
+    await wait_held(app, 1)
+    writer.close()
+    for _ in range(200):
+        if app.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert app.cancelled == ["gone"]
+    assert handlers(runner) == []
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> None:
+    app = App()
+    runner = _Runner(
+        app.app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=0.3,
+        max_connections=10,
+        header_timeout_s=10.0,
+    )
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    await web.SockSite(runner, sock).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(request(HELD, tag="slow"))
+        await wait_held(app, 1)
+        await asyncio.sleep(0.6)  # past the timeout, but a request is in progress
+        app.release.set()
+        assert await read_response(reader) == (200, f"POST {HELD} slow 0", 0)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once idle
+        assert asyncio.get_running_loop().time() - started < 2
+        writer.close()
+    finally:
+        await runner.cleanup()
+        sock.close()
