@@ -42,6 +42,12 @@ class App:
         seen = SEEN.get()
         SEEN.set(request.headers.get("X-Tag", "-"))
         body = await request.read()
+        if request.path == "/raise":
+            raise RuntimeError("a bug")
+        if request.path == "/gone":
+            raise web.HTTPGone(text="gone")
+        if request.path == "/slow":
+            raise TimeoutError
         if request.path == HELD:
             self.held.append(request)
             try:
@@ -298,3 +304,34 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> Non
     finally:
         await runner.cleanup()
         sock.close()
+
+
+async def test_handler_errors_are_answered_as_aiohttp_does(
+    served: tuple[App, int, _Runner],
+) -> None:
+    """An HTTPException is its own answer (the connection stays); a TimeoutError is 504 and
+    any other exception 500, both closing the connection; a request that cannot be parsed
+    is 400."""
+    _, port, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/gone"))
+        assert (await read_response(reader))[:2] == (410, "gone")
+        writer.write(request("/slow"))
+        assert (await read_response(reader))[0] == 504
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/raise"))
+        assert (await read_response(reader))[0] == 500
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        assert (await read_response(reader))[0] == 400
+    finally:
+        writer.close()
