@@ -32,12 +32,11 @@ import asyncio
 import enum
 import functools
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
-
-import numpy as np
 
 from proxy.batcher import DeadlineExceededError
 from proxy.cache.identity import CacheScope, KeyMaker
@@ -52,7 +51,11 @@ if TYPE_CHECKING:
 _KEY_MAKERS = 256
 # Vectors are kept and answered as little-endian float32, as TEI computes them. orjson
 # writes a float32 array in float32's shortest form, which is exactly what TEI sends.
-F32 = np.dtype("<f4")
+# numpy is imported on first use (a float32 vector: the embedded model, an OpenAI-kind
+# upstream, Redis), not at start-up: in front of TEI, rows stay JSON and it is not needed
+# (~11 MB of RSS).
+F32 = "<f4"
+_F32_BYTES = 4
 
 # Sends one item to the upstream (through the batcher) with a deadline, to complete the given
 # future (or a new one, if None) with its vector; returns that future. It may raise at once
@@ -206,8 +209,9 @@ class F32Packer:
         self._structs: dict[int, struct.Struct] = {}
 
     def pack(self, vector: Vector) -> bytes:
-        if isinstance(vector, np.ndarray):
-            return vector.astype(F32, copy=False).tobytes()
+        numpy = sys.modules.get("numpy")  # a numpy row means numpy is loaded already
+        if numpy is not None and isinstance(vector, numpy.ndarray):
+            return cast(bytes, vector.astype(F32, copy=False).tobytes())
         n = len(vector)
         packer = self._structs.get(n)
         if packer is None:
@@ -217,6 +221,8 @@ class F32Packer:
         try:
             return packer.pack(*vector)
         except (OverflowError, struct.error):  # out of float32's range: numpy makes it inf
+            import numpy as np
+
             return np.asarray(vector, dtype=F32).tobytes()
 
 
@@ -234,6 +240,8 @@ def view(value: bytes) -> Vector:
     if type(value) is JsonRow:
         # orjson splices only exact bytes: a copy of the row, a fraction of a microsecond.
         return RawVector(bytes(value), value.count(b",") + 1)
+    import numpy as np
+
     return cast(Vector, np.frombuffer(value, dtype=F32))
 
 
@@ -324,9 +332,9 @@ class EmbeddingCache:
         stage = _Stage.LOOKUP if read and l2 is not None and l2.available else _Stage.UPSTREAM
         expected_len = None
         if options.dimensions is not None:
-            expected_len = options.dimensions * F32.itemsize
+            expected_len = options.dimensions * _F32_BYTES
         elif dimension is not None:
-            expected_len = dimension * F32.itemsize
+            expected_len = dimension * _F32_BYTES
         # Plan first, with no side effect but LRU recency, so a refusal leaves nothing behind.
         plan: list[bytes | _Flight] = []
         new: dict[bytes, _Flight] = {}
@@ -583,4 +591,4 @@ def _release(flight: _Flight) -> None:
 def _valid(value: bytes, expected_len: int | None) -> bool:
     if expected_len is not None:
         return len(value) == expected_len
-    return len(value) > 0 and len(value) % F32.itemsize == 0
+    return len(value) > 0 and len(value) % _F32_BYTES == 0

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+# Imported with the Redis level, not at its first hit: Redis holds float32, answered as
+# numpy views (proxy/cache/front.py); importing numpy then would stall the event loop ~0.1 s.
+import numpy  # noqa: F401
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff

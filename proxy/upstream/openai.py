@@ -8,6 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+
+# Imported with this upstream, not at its first answer: its vectors are cached as float32
+# and answered as numpy views (proxy/cache/front.py); importing numpy then would stall the
+# event loop ~0.1 s under the first batch.
+import numpy  # noqa: F401
 import orjson
 
 from proxy.errors import (
