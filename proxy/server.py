@@ -194,7 +194,7 @@ _TASK_PER_REQUEST = (
     and _PAYLOAD_ACCESS_ERROR is not None
     and all(
         hasattr(RequestHandler, name)
-        for name in ("_handle_request", "_make_error_handler", "_process_keepalive")
+        for name in ("_make_error_handler", "finish_response", "handle_error")
     )
 )
 
@@ -215,7 +215,8 @@ class _Handler(RequestHandler):
     * one task per request, and none while the connection is idle: aiohttp runs a task per
       connection that waits for requests and starts another for each (so that each sees a
       fresh copy of the context variables); here each request is handled by a task made
-      when it is parsed, which gives the same fresh copy."""
+      when it is parsed, which gives the same fresh copy. Nor a keep-alive timer per
+      connection (~240 bytes): one sweep per server closes the idle ones."""
 
     # RequestHandler has slots: without these, every connection would also carry a __dict__.
     __slots__ = (
@@ -262,23 +263,19 @@ class _Handler(RequestHandler):
             tcp_keepalive(real_transport)
         assert self._manager is not None
         self._manager.connection_made(self, real_transport)
-        if self._keepalive_timeout > 0:  # a connection that never sends a request ends too
-            close_time = self._loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        # A connection that never sends a request ends too. No timer of its own: the
+        # server's sweep (_Server._sweep) closes connections idle past this time.
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        self._limits.sweep_soon()
 
-    def _process_keepalive(self) -> None:
-        if not _TASK_PER_REQUEST:
-            super()._process_keepalive()
-            return
-        self._keepalive_handle = None
-        if self._force_close or not self._keepalive:
-            return
-        close_time = self._next_keepalive_close_time
-        if self._loop.time() < close_time:  # a request since: not idle that long yet
-            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
-            return
-        if self._task_handler is None and not self._messages:  # idle
+    def idle_past(self, now: float) -> None:
+        """Close this connection if it has been idle since its keep-alive time ran out."""
+        if (
+            now >= self._next_keepalive_close_time
+            and self._task_handler is None
+            and not self._messages
+            and not self._force_close
+        ):
             self.force_close()
 
     def _next_request(self) -> None:
@@ -378,10 +375,7 @@ class _Handler(RequestHandler):
                 self.transport.close()
         if not keep:
             return
-        close_time = loop.time() + self._keepalive_timeout
-        self._next_keepalive_close_time = close_time
-        if self._keepalive_handle is None:
-            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
         self._next_request()  # pipelined behind this one
 
     async def _linger(self, payload: StreamReader) -> None:
@@ -563,6 +557,24 @@ class _Server(web.Server):
         self._header_timeout_s = header_timeout_s
         self._refusal = _refusal()
         self.open_connections = 0
+        # Idle connections are looked for this often: they close at most this late.
+        keepalive = float(handler_kwargs.get("keepalive_timeout", 75.0))
+        self._sweep_s = min(1.0, max(0.05, keepalive / 10))
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    def sweep_soon(self) -> None:
+        if self._sweep_handle is None:
+            loop = asyncio.get_running_loop()
+            self._sweep_handle = loop.call_later(self._sweep_s, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep_handle = None
+        now = loop.time()
+        for handler in self.connections:
+            if isinstance(handler, _Handler):
+                handler.idle_past(now)
+        if self._connections:
+            self.sweep_soon()
 
     def __call__(self) -> RequestHandler:
         if self.open_connections >= self._max_connections:

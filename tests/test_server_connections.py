@@ -276,6 +276,8 @@ async def test_a_client_that_goes_away_cancels_its_held_request(
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> None:
+    """Not while its request is in progress, however long; once idle that long, or never
+    used, it is closed (by the server's sweep: no timer per connection)."""
     app = App()
     runner = _Runner(
         app.app,
@@ -297,9 +299,16 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> Non
         await asyncio.sleep(0.6)  # past the timeout, but a request is in progress
         app.release.set()
         assert await read_response(reader) == (200, f"POST {HELD} slow 0", 0)
+        assert all(h._keepalive_handle is None for h in handlers(runner))  # the sweep's job
         started = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once idle
         assert asyncio.get_running_loop().time() - started < 2
+        writer.close()
+        # A connection that never sends a byte is closed too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.25 < asyncio.get_running_loop().time() - started < 2
         writer.close()
     finally:
         await runner.cleanup()
