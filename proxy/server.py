@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpRequestParser, RawRequestMessage, StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.app import close, create_app, drain
 from proxy.errors import ApiError
@@ -199,6 +200,40 @@ _TASK_PER_REQUEST = (
 )
 
 
+# Header values that most requests repeat, kept once for all the requests held instead of
+# once each (~400 bytes a request): only of these headers (never credentials or cookies),
+# short ones, and at most _MAX_SHARED distinct values (then the table starts over).
+_SHARED_HEADERS = frozenset(
+    (
+        hdrs.ACCEPT,
+        hdrs.ACCEPT_ENCODING,
+        hdrs.ACCEPT_LANGUAGE,
+        hdrs.CONNECTION,
+        hdrs.CONTENT_LENGTH,
+        hdrs.CONTENT_TYPE,
+        hdrs.HOST,
+        hdrs.USER_AGENT,
+    )
+)
+_MAX_SHARED = 1024
+_shared_values: dict[str, str] = {}
+
+
+def _share_values(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    shared = _shared_values
+    items = []
+    for name, value in headers.items():
+        if name in _SHARED_HEADERS and len(value) <= 256:
+            kept = shared.get(value)
+            if kept is None:
+                if len(shared) >= _MAX_SHARED:
+                    shared.clear()
+                kept = shared[value] = value
+            value = kept
+        items.append((name, value))
+    return CIMultiDictProxy(CIMultiDict(items))
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, plus:
 
@@ -208,7 +243,8 @@ class _Handler(RequestHandler):
     * less memory per request held. Once a request has been parsed whole and nothing after
       it was received, its connection's parser (~1.6 KB with what it keeps of the request)
       is dropped until more bytes arrive; so are the request's raw header bytes (the app
-      reads ``request.headers``; ``request.raw_headers`` is empty) and its body's deque.
+      reads ``request.headers``; ``request.raw_headers`` is empty) and its body's deque,
+      and common header values are shared between requests (``_share_values``).
       To know that nothing followed, the bytes of each request are counted: its header
       block and its body must add up to what was read. A connection that pipelines past a
       request keeps its parser, as with aiohttp;
@@ -469,7 +505,8 @@ class _Handler(RequestHandler):
         if new and self._messages:  # still queued: the request is not made yet
             msg, payload = self._messages[-1]
             if isinstance(msg, RawRequestMessage):
-                self._messages[-1] = (msg._replace(raw_headers=()), payload)
+                headers = _share_values(msg.headers)
+                self._messages[-1] = (msg._replace(raw_headers=(), headers=headers), payload)
 
     def _headers_too_slow(self, parsed: int) -> None:
         self._header_timer = None

@@ -129,6 +129,11 @@ async def test_a_held_request_keeps_no_parser_nor_raw_headers_and_keep_alive_goe
         held = app.held[0]
         assert held.raw_headers == ()
         assert held.headers["X-Tag"] == "one" and held.headers["Content-Length"] == "3"
+        assert held.headers["host"] == "test" and list(held.headers) == [
+            "Host",
+            "X-Tag",
+            "Content-Length",
+        ]
         app.release.set()
         assert await read_response(reader) == (200, f"POST {HELD} one 3", sum(b"abc"))
         # The same connection: a parser is made again for the next request.
@@ -344,3 +349,30 @@ async def test_handler_errors_are_answered_as_aiohttp_does(
         assert (await read_response(reader))[0] == 400
     finally:
         writer.close()
+
+
+async def test_held_requests_share_common_header_values_but_never_credentials(
+    served: tuple[App, int, _Runner],
+) -> None:
+    app, port, _ = served
+    writers = []
+    try:
+        for i in range(2):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writers.append(writer)
+            writer.write(
+                f"POST {HELD} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer secret-token\r\nX-Tag: {i}\r\n"
+                "Content-Length: 2\r\n\r\n{}".encode()
+            )
+            await wait_held(app, i + 1)
+        first, second = (request.headers for request in app.held)
+        assert first["Content-Type"] is second["Content-Type"]  # one string for both
+        assert first["Host"] is second["Host"]
+        assert first["Authorization"] == second["Authorization"] == "Bearer secret-token"
+        assert first["Authorization"] is not second["Authorization"]  # never kept in common
+        assert (first["X-Tag"], second["X-Tag"]) == ("0", "1")
+    finally:
+        app.release.set()
+        for writer in writers:
+            writer.close()
