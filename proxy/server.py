@@ -303,6 +303,7 @@ class _Handler(RequestHandler):
         # server's sweep (_Server._sweep) closes connections idle past this time.
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         self._limits.sweep_soon()
+        self._limits.share_addresses(transport)
 
     def idle_past(self, now: float) -> None:
         """Close this connection if it has been idle since its keep-alive time ran out."""
@@ -598,6 +599,25 @@ class _Server(web.Server):
         keepalive = float(handler_kwargs.get("keepalive_timeout", 75.0))
         self._sweep_s = min(1.0, max(0.05, keepalive / 10))
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._addresses: dict[Any, Any] = {}
+
+    def share_addresses(self, transport: asyncio.BaseTransport) -> None:
+        """One copy of the listening address and of each client host for all the
+        connections (asyncio keeps both per connection: ~170 bytes)."""
+        extra = getattr(transport, "_extra", None)
+        if type(extra) is not dict:
+            return
+        shared = self._addresses
+        if len(shared) >= _MAX_SHARED:
+            shared.clear()
+        sockname = extra.get("sockname")
+        if type(sockname) is tuple:
+            extra["sockname"] = shared.setdefault(sockname, sockname)
+        peername = extra.get("peername")
+        if type(peername) is tuple and peername and type(peername[0]) is str:
+            host = shared.setdefault(peername[0], peername[0])
+            if host is not peername[0]:
+                extra["peername"] = (host, *peername[1:])
 
     def sweep_soon(self) -> None:
         if self._sweep_handle is None:

@@ -351,7 +351,7 @@ async def test_handler_errors_are_answered_as_aiohttp_does(
         writer.close()
 
 
-async def test_held_requests_share_common_header_values_but_never_credentials(
+async def test_held_requests_share_common_values_but_never_credentials(
     served: tuple[App, int, _Runner],
 ) -> None:
     app, port, _ = served
@@ -372,6 +372,12 @@ async def test_held_requests_share_common_header_values_but_never_credentials(
         assert first["Authorization"] == second["Authorization"] == "Bearer secret-token"
         assert first["Authorization"] is not second["Authorization"]  # never kept in common
         assert (first["X-Tag"], second["X-Tag"]) == ("0", "1")
+        # The listening address and the client's host: one copy for both connections.
+        one, two = (request.transport for request in app.held)
+        assert one is not None and two is not None
+        assert one.get_extra_info("sockname") is two.get_extra_info("sockname")
+        assert one.get_extra_info("peername")[0] is two.get_extra_info("peername")[0]
+        assert [request.remote for request in app.held] == ["127.0.0.1", "127.0.0.1"]
     finally:
         app.release.set()
         for writer in writers:
