@@ -24,15 +24,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial, update_wrapper
 from typing import Any, cast
 
 import orjson
-from aiohttp import hdrs, web, web_protocol
+from aiohttp import hdrs, web, web_app, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpRequestParser, RawRequestMessage, StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_urldispatcher import SystemRoute
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.app import close, create_app, drain
@@ -361,7 +363,15 @@ class _Handler(RequestHandler):
                 try:
                     try:
                         self._current_request = request
-                        resp = await request_handler(request)
+                        if request_handler is self._limits.app_handler:
+                            # Application._handle, inline: one coroutine frame less.
+                            routed = await self._limits.route(request)
+                            if isinstance(routed, web.StreamResponse):
+                                resp = routed
+                            else:
+                                resp = await routed(request)
+                        else:
+                            resp = await request_handler(request)
                     finally:
                         self._current_request = None
                 except web.HTTPException as exc:
@@ -600,6 +610,48 @@ class _Server(web.Server):
         self._sweep_s = min(1.0, max(0.05, keepalive / 10))
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._addresses: dict[Any, Any] = {}
+        # The app whose routing _Handler._serve does inline (see route), or None.
+        self._app: web.Application | None = None
+        self.app_handler: Any = None
+
+    def inline_routing(self, app: web.Application) -> None:
+        if (
+            _TASK_PER_REQUEST
+            and all(
+                hasattr(app, name)
+                for name in ("_router", "_run_middlewares", "_has_legacy_middlewares")
+            )
+            and all(hasattr(web_app, name) for name in ("_cached_build_middleware", "SystemRoute"))
+        ):
+            self._app = app
+            self.app_handler = self.request_handler
+
+    async def route(self, request: web.BaseRequest) -> Any:
+        """What aiohttp's Application._handle does before it calls the handler (aiohttp
+        3.14): the handler wrapped in its middlewares, or the answer to ``Expect``."""
+        app = self._app
+        assert app is not None
+        match_info = await app._router.resolve(request)  # type: ignore[arg-type]
+        match_info.add_app(app)
+        match_info.freeze()
+        request._match_info = match_info  # type: ignore[attr-defined]
+        if request.headers.get(hdrs.EXPECT):
+            resp = await match_info.expect_handler(cast(web.Request, request))
+            await request.writer.drain()
+            if resp is not None:
+                return resp
+        handler: Any = match_info.handler
+        if app._run_middlewares:
+            if not app._has_legacy_middlewares and not isinstance(match_info.route, SystemRoute):
+                handler = web_app._cached_build_middleware(handler, match_info.apps)
+            else:
+                for each in match_info.apps[::-1]:
+                    for m, new_style in each._middlewares_handlers or ():
+                        if new_style:
+                            handler = update_wrapper(partial(m, handler=handler), handler)
+                        else:
+                            handler = await m(each, handler)  # type: ignore[arg-type]
+        return handler
 
     def share_addresses(self, transport: asyncio.BaseTransport) -> None:
         """One copy of the listening address and of each client host for all the
@@ -673,7 +725,7 @@ class _Runner(web.AppRunner):
         base = await super()._make_server()  # runs the app's start-up and freezes it
         _drop_current_app_wrapper(self._app)
         kwargs = dict(self._kwargs)  # handler_cancellation, access_log, keepalive_timeout, ...
-        return _Server(
+        server = _Server(
             base.request_handler,
             request_factory=base.request_factory,
             handler_cancellation=kwargs.pop("handler_cancellation", False),
@@ -681,6 +733,9 @@ class _Runner(web.AppRunner):
             header_timeout_s=self._header_timeout_s,
             **kwargs,
         )
+        if base.request_handler == self._app._handle:
+            server.inline_routing(self._app)
+        return server
 
 
 # -- the lifecycle ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.server import _Handler, _Runner
+from proxy.server import _Handler, _Runner, _Server
 
 HELD = "/held"
 SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="-")
@@ -382,3 +382,44 @@ async def test_held_requests_share_common_values_but_never_credentials(
         app.release.set()
         for writer in writers:
             writer.close()
+
+
+async def test_routing_done_inline_answers_404_405_and_expect_as_aiohttp_does() -> None:
+    seen: list[str] = []
+
+    @web.middleware
+    async def front(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        seen.append(request.path)
+        return await handler(request)
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=(await request.read()).decode())
+
+    application = web.Application(middlewares=[front])
+    application.router.add_post("/echo", echo)
+    runner = _Runner(application, access_log=None, max_connections=10, header_timeout_s=10.0)
+    await runner.setup()
+    assert isinstance(runner.server, _Server) and runner.server.app_handler is not None
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    await web.SockSite(runner, sock).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await read_response(reader))[0] == 404
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await read_response(reader))[0] == 405
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n")
+        writer.write(b"Content-Length: 5\r\n\r\n")
+        continued = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert continued.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        assert (await read_response(reader))[:2] == (200, "hello")
+        assert seen == ["/nope", "/echo", "/echo"]  # the middleware saw every request
+        writer.close()
+    finally:
+        await runner.cleanup()
+        sock.close()
