@@ -11,7 +11,6 @@ from proxy.logs import configure_logging
 from proxy.models_config import ModelsConfigError, load_models_config
 from proxy.server import ListenError, bind_listener, run
 from proxy.settings import Settings, describe_validation_error
-from proxy.workers import run_workers
 
 
 def load_settings(argv: list[str]) -> Settings:
@@ -44,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging(settings)
     if settings.workers > 1:
+        # Imported only here: one process needs none of multiprocessing (~0.5 MB).
+        from proxy.workers import run_workers
+
         return run_workers(settings, sock)
     try:
         run(settings, sock=sock)
