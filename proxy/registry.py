@@ -479,7 +479,7 @@ class Registry:
             # It left routing between the pick and the queue: pick again, once.
             entry, mv = self.resolve(ctx, inputs, fall_back_to_split=fall_back_to_split)
             vectors = await mv.service.embed(inputs, options, ctx, trace=trace)
-        self._maybe_shadow(entry, mv, inputs, options, ctx, vectors)
+        self.shadow_copy(entry, mv, inputs, options, ctx, vectors)
         return mv, vectors
 
     async def embed_each(
@@ -510,10 +510,10 @@ class Registry:
                 embedded.append(item)
                 vectors.append(result)
         if vectors:
-            self._maybe_shadow(entry, mv, embedded, options, ctx, vectors)
+            self.shadow_copy(entry, mv, embedded, options, ctx, vectors)
         return mv, results
 
-    def _maybe_shadow(
+    def shadow_copy(
         self,
         entry: ModelEntry,
         mv: ModelVersion,

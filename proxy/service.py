@@ -34,6 +34,7 @@ from proxy.batcher import (
 )
 from proxy.bisector import Bisector, Item
 from proxy.cache import CacheScope, CacheUse, EmbeddingCache, upstream_fingerprint
+from proxy.cache.front import Submit
 from proxy.concurrency import auto_ceiling
 from proxy.context import RequestContext
 from proxy.errors import ApiError
@@ -160,6 +161,7 @@ class EmbeddingService:
         # gives its ceiling; None with DISPATCH=timer, whose bound is the ceiling as is.
         self.concurrency: AdaptiveConcurrency | None = None
         self._draining = False
+        self._untraced_submit: tuple[EmbedOptions, Submit] | None = None
         # Taken out of routing by the registry (removed or replaced): callers that picked it
         # just before are sent to the version that routing picks now.
         self.retired = False
@@ -422,9 +424,7 @@ class EmbeddingService:
                     inputs,
                     deadline=deadline,
                     use=ctx.cache if ctx.cache is not None else CacheUse(),
-                    upstream=functools.partial(
-                        self._submit, options=options, trace=trace, queued_at=queued_at
-                    ),
+                    upstream=self._submitter(options, trace, queued_at),
                     reserve=self._reserve,
                     dimension=self.rules.dimension,
                 )
@@ -506,7 +506,7 @@ class EmbeddingService:
             raise errors.unavailable("proxy is shutting down")
         futures: list[asyncio.Future[Vector]] = []
         queued_at = time.monotonic() if trace is not None else 0.0
-        submit = functools.partial(self._submit, options=options, trace=trace, queued_at=queued_at)
+        submit = self._submitter(options, trace, queued_at)
         try:
             if self.cache is None or self.cache_scope is None:
                 self._reserve(len(inputs))
@@ -559,6 +559,23 @@ class EmbeddingService:
         if limit is not None and self.batcher.queue_depth + n > limit:
             self._rejected.inc()
             raise errors.overloaded()
+
+    def _submitter(
+        self, options: EmbedOptions, trace: RequestSpan | None, queued_at: float
+    ) -> Submit:
+        """``_submit`` with the request's options bound. Untraced requests with the same
+        options object (the parsers share one for the defaults) share one: the cache keeps
+        it with each item in flight, and 10,000 held requests would hold 10,000 copies."""
+        if trace is not None:
+            return functools.partial(
+                self._submit, options=options, trace=trace, queued_at=queued_at
+            )
+        last = self._untraced_submit
+        if last is not None and last[0] is options:
+            return last[1]
+        submit = functools.partial(self._submit, options=options, trace=None, queued_at=0.0)
+        self._untraced_submit = (options, submit)
+        return submit
 
     def _submit(
         self,
