@@ -208,9 +208,11 @@ async def test_one_scrape_counts_every_worker(aiohttp_server: Any, unused_tcp_po
                 assert scraped(text, "proxy_model_requests_total", model="test-double/tei") == len(
                     texts
                 )
-                # Each worker learns its own limit (from 2, at most its ceiling of 16).
+                # Each worker learns its own limit, between its floor of 1 and its ceiling of
+                # 16 (it starts at 2, but a latency spike may cut it to 1); the sum of the
+                # ceilings below shows the gauges are summed over the workers.
                 limit = scraped(text, "proxy_concurrency_limit", model="test-double/tei")
-                assert 2 + 2 <= limit <= 16 + 16
+                assert 1 + 1 <= limit <= 16 + 16
                 ceiling = scraped(text, "proxy_concurrency_ceiling", model="test-double/tei")
                 assert ceiling == 16 + 16
                 await log.count('"GET /metrics"', scrapes)
