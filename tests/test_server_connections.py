@@ -5,6 +5,7 @@ pipelining, requests split across reads, bodies over several reads, bare-LF line
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,28 +60,32 @@ class App:
         return web.Response(text=text, headers={"X-Body-Sum": str(sum(body)), "X-Seen": seen})
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[App, int, _Runner]]:
-    app = App()
-    runner = _Runner(
-        app.app,
-        handler_cancellation=True,
-        access_log=None,
-        max_connections=100,
-        header_timeout_s=10.0,
-    )
+@contextlib.asynccontextmanager
+async def serving(
+    application: web.Application, **options: Any
+) -> AsyncIterator[tuple[int, _Runner]]:
+    """``application`` behind the proxy's runner on a loopback port: (port, runner)."""
+    runner = _Runner(application, access_log=None, header_timeout_s=10.0, **options)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
-    site = web.SockSite(runner, sock)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     try:
-        yield app, sock.getsockname()[1], runner
+        yield sock.getsockname()[1], runner
     finally:
-        app.release.set()
         await runner.cleanup()
         sock.close()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[App, int, _Runner]]:
+    app = App()
+    async with serving(app.app, handler_cancellation=True, max_connections=100) as (port, runner):
+        try:
+            yield app, port, runner
+        finally:
+            app.release.set()
 
 
 def request(path: str, body: bytes = b"", tag: str = "-") -> bytes:
@@ -284,21 +289,10 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> Non
     """Not while its request is in progress, however long; once idle that long, or never
     used, it is closed (by the server's sweep: no timer per connection)."""
     app = App()
-    runner = _Runner(
-        app.app,
-        handler_cancellation=True,
-        access_log=None,
-        keepalive_timeout=0.3,
-        max_connections=10,
-        header_timeout_s=10.0,
-    )
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    await web.SockSite(runner, sock).start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    async with serving(
+        app.app, handler_cancellation=True, keepalive_timeout=0.3, max_connections=10
+    ) as (port, runner):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request(HELD, tag="slow"))
         await wait_held(app, 1)
         await asyncio.sleep(0.6)  # past the timeout, but a request is in progress
@@ -310,14 +304,11 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> Non
         assert asyncio.get_running_loop().time() - started < 2
         writer.close()
         # A connection that never sends a byte is closed too.
-        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert 0.25 < asyncio.get_running_loop().time() - started < 2
         writer.close()
-    finally:
-        await runner.cleanup()
-        sock.close()
 
 
 async def test_handler_errors_are_answered_as_aiohttp_does(
@@ -399,15 +390,9 @@ async def test_routing_done_inline_answers_404_405_and_expect_as_aiohttp_does() 
 
     application = web.Application(middlewares=[front])
     application.router.add_post("/echo", echo)
-    runner = _Runner(application, access_log=None, max_connections=10, header_timeout_s=10.0)
-    await runner.setup()
-    assert isinstance(runner.server, _Server) and runner.server.app_handler is not None
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    await web.SockSite(runner, sock).start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    async with serving(application, max_connections=10) as (port, runner):
+        assert isinstance(runner.server, _Server) and runner.server.app_handler is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await read_response(reader))[0] == 404
         writer.write(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -420,6 +405,3 @@ async def test_routing_done_inline_answers_404_405_and_expect_as_aiohttp_does() 
         assert (await read_response(reader))[:2] == (200, "hello")
         assert seen == ["/nope", "/echo", "/echo"]  # the middleware saw every request
         writer.close()
-    finally:
-        await runner.cleanup()
-        sock.close()
